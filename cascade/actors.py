@@ -1,0 +1,150 @@
+"""The thin shell that puts one stage on one Ray actor.
+
+`StageWorker` is a plain class: tests and users can run it without Ray. `ray.remote(StageWorker)`
+places it on a node with the stage's resources. It builds its stage in `load()` (so a bad checkpoint
+is reported as an error of that call), and each `run()` returns two objects: the clip for the next
+stage (or, for the last stage, the encoded MP4) and a small report with timing and previews, so the
+driver writes previews without ever fetching the frames.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import ray
+
+from cascade.payload import Clip, Request
+from cascade.previews import Preview, clip_frames, make_preview
+from cascade.video import encode_mp4
+
+log = logging.getLogger(__name__)
+
+STAGE_NAMES = ("base", "tsr", "ssr")
+
+
+def build_stage(name: str, section, device: str):
+    """The stage object for a config section; imported here so the driver never loads models."""
+    if name == "base":
+        from stages.base.stage import BaseStage as stage_class
+    elif name == "tsr":
+        from stages.tsr.stage import TsrStage as stage_class
+    elif name == "ssr":
+        from stages.ssr.stage import SsrStage as stage_class
+    else:
+        raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
+    return stage_class(section, device=device)
+
+
+@dataclass(frozen=True)
+class StageReport:
+    stage: str
+    prompt_index: int
+    input_shape: Optional[tuple]
+    output_shape: tuple
+    input_fps: Optional[float]
+    output_fps: float
+    wall_time_s: float
+    started_at: float  # epoch seconds, for ordering stages across actors
+    finished_at: float
+    device: str
+    node: str  # host name and Ray node id
+    preview: Preview
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    mp4: bytes
+    shape: tuple  # (T, H, W, 3)
+    fps: float
+
+
+def _device_for(num_gpus: float) -> str:
+    import torch
+
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def _describe_device(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _describe_node() -> str:
+    if ray.is_initialized():
+        return f"{platform.node()} ({ray.get_runtime_context().get_node_id()})"
+    return platform.node()
+
+
+def _progress_bar_factory() -> Callable:
+    """tqdm bars that a Ray actor forwards to the driver's terminal, plain tqdm elsewhere."""
+    inside_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    if inside_actor:
+        from ray.experimental.tqdm_ray import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm
+
+
+class StageWorker:
+    def __init__(self, name: str, section, output_config, encode_output: bool = False):
+        if name not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
+        self.name = name
+        self.section = section
+        self.output_config = output_config
+        self.encode_output = encode_output
+        self.stage = None
+        self.device = _device_for(section.resources.num_gpus)
+
+    def load(self) -> dict:
+        """Builds the stage's models (reading weights); returns the device and any warnings."""
+        if self.stage is None:
+            self.stage = build_stage(self.name, self.section, self.device)
+        return {"device": _describe_device(self.device), "node": _describe_node(), "warnings": list(self.stage.warnings)}
+
+    @ray.method(num_returns=2)
+    def run(self, clip: Optional[Clip], request: Request):
+        self.load()
+        bar, reported = None, 0
+        bar_class = _progress_bar_factory()
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar, reported
+            if bar is None:
+                bar = bar_class(desc=f"prompt {request.index} {self.name}", total=total)
+            bar.update(done - reported)
+            reported = done
+
+        started_at, started = time.time(), time.perf_counter()
+        output = self.stage(clip, request, progress=progress)
+        wall_time, finished_at = time.perf_counter() - started, time.time()
+        if bar is not None:
+            bar.close()
+        out = self.output_config
+        report = StageReport(
+            stage=self.name,
+            prompt_index=request.index,
+            input_shape=clip.shape if clip is not None else None,
+            output_shape=output.shape,
+            input_fps=clip.fps if clip is not None else None,
+            output_fps=output.fps,
+            wall_time_s=round(wall_time, 3),
+            started_at=started_at,
+            finished_at=finished_at,
+            device=_describe_device(self.device),
+            node=_describe_node(),
+            preview=make_preview(output, out.preview_max_side, out.contact_sheet_frames),
+            notes=dict(output.notes),
+        )
+        if self.encode_output:
+            frames = clip_frames(output)
+            return EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps), report
+        return output, report

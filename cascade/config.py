@@ -1,0 +1,197 @@
+"""The cascade's configuration: omegaconf structured configs merged with a YAML file and
+`key=value` overrides.
+
+Each stage's model config lives beside its stage (stages/*/stage.py); this file adds what the
+orchestration needs (Ray resources, the video request, outputs) and checks everything that can be
+checked before a model loads: unknown keys, wrong types, and values out of range or inconsistent
+between stages. Every failure is a `ConfigError` naming the key and what is valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cascade.errors import ConfigError
+from stages.base.stage import BaseStageConfig
+from stages.ssr.stage import SsrStageConfig
+from stages.tsr.stage import TsrStageConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+MAX_FACTOR = 8  # temporal super-resolution: k − 1 new frames between each pair, 1 ≤ k ≤ 8
+SCALES = (2, 4)  # spatial super-resolution: one wavelet level per ×2
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Resources:
+    """What a stage's Ray actor asks the cluster for."""
+
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    custom: Dict[str, float] = field(default_factory=dict)  # e.g. {"base_node": 1}
+
+
+@dataclass
+class VideoConfig:
+    """The clip the base stage makes; tsr multiplies fps, ssr multiplies height and width."""
+
+    height: int = 128
+    width: int = 128
+    num_frames: int = 17  # 1 + 4k: the Wan VAE turns 1 + 4k frames into 1 + k latent frames
+    fps: float = 16.0
+
+
+@dataclass
+class BaseSection(BaseStageConfig):
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class TsrSection(TsrStageConfig):
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class SsrSection(SsrStageConfig):
+    resources: Resources = field(default_factory=Resources)
+
+
+@dataclass
+class StagesConfig:
+    base: BaseSection = field(default_factory=BaseSection)
+    tsr: TsrSection = field(default_factory=TsrSection)
+    ssr: SsrSection = field(default_factory=SsrSection)
+
+
+@dataclass
+class OutputConfig:
+    preview_max_side: int = 256  # previews are downscaled so their longer side is at most this
+    contact_sheet_frames: int = 4  # frames per stage on the PNG contact sheet
+    video_quality: int = 18  # x264 CRF of the final MP4: 0 lossless … 51 worst
+    max_prompts_in_flight: int = 3  # pipelining window for a prompts file
+
+
+@dataclass
+class CascadeConfig:
+    name: str = "tiny"
+    checkpoint: str = ""  # a Wan2.1 checkpoint folder; the Wan configs derive weights paths from it
+    video: VideoConfig = field(default_factory=VideoConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _config_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    return ConfigError(f"{origin}: {'key ' + repr(key) + ': ' if key else ''}{message}")
+
+
+def _marked_required(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is `???` in a raw YAML tree."""
+    if isinstance(tree, dict):
+        return [key for name, value in tree.items() for key in _marked_required(value, f"{prefix}{name}.")]
+    return [prefix[:-1]] if tree == "???" else []
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CascadeConfig:
+    """Reads a cascade config: defaults ← YAML file ← `key=value` overrides, then validates it.
+    Returns the resolved `CascadeConfig` dataclass (interpolations such as `${checkpoint}` filled)."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        known = ", ".join(str(p.relative_to(CONFIG_DIR.parent)) for p in sorted(CONFIG_DIR.glob("*.yaml")))
+        raise ConfigError(f"config file not found: {path} (known configs: {known})")
+    merged: DictConfig = OmegaConf.structured(CascadeConfig)
+    try:
+        file_config = OmegaConf.load(path)
+        merged = OmegaConf.merge(merged, file_config)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, str(path)) from None
+    except Exception as error:  # YAML syntax and the like
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    overridden = set()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. stages.base.steps=20)")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as error:
+            raise _config_error(error, f"override {item!r}") from None
+        overridden.add(item.split("=", 1)[0].strip())
+    # A `???` in the file marks a value the user must give; merging never fills it from defaults.
+    missing = sorted(set(_marked_required(OmegaConf.to_container(file_config, resolve=False))) - overridden)
+    if missing:
+        raise ConfigError(
+            f"{path.name} needs a value for {', '.join(missing)} "
+            f"(e.g. {missing[0]}=/path/to/Wan2.1-T2V-1.3B on the command line)"
+        )
+    try:
+        config: CascadeConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise _config_error(error, str(path)) from None
+    except ValueError as error:  # a model config's own check (its message names the field)
+        raise ConfigError(f"{path.name}: {error}") from None
+    validate(config)
+    return config
+
+
+def _require(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is not valid: {valid}")
+
+
+def validate(config: CascadeConfig) -> None:
+    """Checks values and cross-stage consistency; raises `ConfigError` naming the key."""
+    video, base, tsr, ssr = config.video, config.stages.base, config.stages.tsr, config.stages.ssr
+    for key in ("height", "width"):
+        value = getattr(video, key)
+        _require(value > 0 and value % 16 == 0, f"video.{key}", value, "a positive multiple of 16")
+    _require(
+        video.num_frames >= 1 and (video.num_frames - 1) % 4 == 0,
+        "video.num_frames", video.num_frames, "1 + 4k frames (1, 5, 9, …, 81)",
+    )
+    _require(video.fps > 0, "video.fps", video.fps, "a positive frame rate")
+    _require(1 <= tsr.factor <= MAX_FACTOR, "stages.tsr.factor", tsr.factor, f"an integer from 1 to {MAX_FACTOR}")
+    _require(ssr.upsampler.scale in SCALES, "stages.ssr.upsampler.scale", ssr.upsampler.scale, f"one of {SCALES}")
+    _require(base.steps >= 1, "stages.base.steps", base.steps, "at least 1")
+    _require(base.shift > 0, "stages.base.shift", base.shift, "a positive number")
+    _require(base.guidance_scale >= 1, "stages.base.guidance_scale", base.guidance_scale, "≥ 1 (1 turns guidance off)")
+    from flows import SAMPLERS
+
+    _require(base.sampler in SAMPLERS, "stages.base.sampler", base.sampler, f"one of {sorted(SAMPLERS)}")
+    for stage_name in ("base", "tsr", "ssr"):
+        section = getattr(config.stages, stage_name)
+        _require(section.dtype in DTYPES, f"stages.{stage_name}.dtype", section.dtype, f"one of {DTYPES}")
+        resources = section.resources
+        _require(resources.num_gpus >= 0, f"stages.{stage_name}.resources.num_gpus", resources.num_gpus, "≥ 0")
+        _require(resources.num_cpus >= 0, f"stages.{stage_name}.resources.num_cpus", resources.num_cpus, "≥ 0")
+    _require(
+        base.dit.text_dim == base.text_encoder.d_model,
+        "stages.base.dit.text_dim", base.dit.text_dim,
+        f"the text encoder's width stages.base.text_encoder.d_model={base.text_encoder.d_model}",
+    )
+    _require(
+        base.dit.text_len == base.text_encoder.text_len,
+        "stages.base.dit.text_len", base.dit.text_len,
+        f"the text encoder's length stages.base.text_encoder.text_len={base.text_encoder.text_len}",
+    )
+    _require(
+        base.dit.out_dim == tsr.vae.z_dim,
+        "stages.base.dit.out_dim", base.dit.out_dim, f"the VAE's latent channels stages.tsr.vae.z_dim={tsr.vae.z_dim}",
+    )
+    out = config.output
+    _require(out.preview_max_side >= 16, "output.preview_max_side", out.preview_max_side, "≥ 16")
+    _require(out.contact_sheet_frames >= 1, "output.contact_sheet_frames", out.contact_sheet_frames, "≥ 1")
+    _require(0 <= out.video_quality <= 51, "output.video_quality", out.video_quality, "an x264 CRF from 0 to 51")
+    _require(out.max_prompts_in_flight >= 1, "output.max_prompts_in_flight", out.max_prompts_in_flight, "≥ 1")
+
+
+def to_plain_dict(config: CascadeConfig) -> dict:
+    """The resolved config as plain containers, for the manifest."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -1,0 +1,119 @@
+"""The Ray side of the cascade: one actor per stage, the DAG that links them, and the loop that
+pipelines many prompts through it.
+
+    request ──► base.run ──latents──► tsr.run ──frames──► ssr.run ──► MP4 bytes
+                   │                     │                   │
+                   └─ report             └─ report           └─ report      (previews, timings)
+
+Each `dag.execute(request)` returns the three reports and the video as separate object refs, so the
+driver writes a stage's preview the moment that stage finishes. Actors run their calls in
+submission order, so submitting prompt k+1 while k is still in tsr keeps every stage busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import ray
+from ray.dag import InputNode, MultiOutputNode
+
+from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
+from cascade.config import CascadeConfig
+from cascade.payload import Request
+
+OUTPUTS = (*STAGE_NAMES, "video")  # what dag.execute returns refs to, in pipeline order
+
+
+def create_workers(config: CascadeConfig) -> dict[str, ray.actor.ActorHandle]:
+    """One actor per stage, each asking for its section's resources (and custom resources, which
+    is how stages are pinned to nodes of a cluster)."""
+    workers = {}
+    for name in STAGE_NAMES:
+        section = getattr(config.stages, name)
+        resources = section.resources
+        actor_class = ray.remote(StageWorker).options(
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            resources=dict(resources.custom) or None,
+            name=None,
+        )
+        workers[name] = actor_class.remote(name, section, config.output, encode_output=(name == "ssr"))
+    return workers
+
+
+def load_workers(workers: dict[str, ray.actor.ActorHandle]) -> dict[str, dict]:
+    """Builds every stage's models in parallel; re-raises the first stage's error (a
+    `WeightsError` stays a `WeightsError`)."""
+    refs = {name: worker.load.remote() for name, worker in workers.items()}
+    return {name: ray.get(ref) for name, ref in refs.items()}
+
+
+def build_dag(workers: dict[str, ray.actor.ActorHandle]) -> MultiOutputNode:
+    with InputNode() as request:
+        latents, base_report = workers["base"].run.bind(None, request)
+        frames, tsr_report = workers["tsr"].run.bind(latents, request)
+        video, ssr_report = workers["ssr"].run.bind(frames, request)
+        dag = MultiOutputNode([base_report, tsr_report, ssr_report, video])
+    return dag
+
+
+@dataclass
+class PromptResult:
+    request: Request
+    video: Optional[EncodedVideo] = None
+    error: Optional[BaseException] = None
+    failed_stage: Optional[str] = None
+
+
+def run_pipelined(
+    dag: MultiOutputNode,
+    requests: Iterable[Request],
+    max_in_flight: int,
+    on_report: Callable[[Request, StageReport], None],
+    on_done: Callable[[PromptResult], None],
+) -> list[PromptResult]:
+    """Runs every request through the DAG with at most `max_in_flight` prompts inside the cascade.
+    Calls `on_report` as each stage of each prompt finishes and `on_done` as each prompt ends (with
+    its video, or the error and the stage that raised it). A failed prompt does not stop the rest."""
+    pending_requests = iter(requests)
+    waiting: dict[ray.ObjectRef, tuple[Request, str]] = {}  # ref -> (request, what it holds)
+    outstanding: dict[int, int] = {}  # prompt index -> refs not yet finished
+    results: dict[int, PromptResult] = {}
+    order: list[int] = []
+
+    def submit_next() -> bool:
+        request = next(pending_requests, None)
+        if request is None:
+            return False
+        refs = dag.execute(request)
+        for ref, kind in zip(refs, OUTPUTS):
+            waiting[ref] = (request, kind)
+        outstanding[request.index] = len(refs)
+        results[request.index] = PromptResult(request)
+        order.append(request.index)
+        return True
+
+    while len(outstanding) < max_in_flight and submit_next():
+        pass
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        ref = ready[0]
+        request, kind = waiting.pop(ref)
+        result = results[request.index]
+        try:
+            value = ray.get(ref)
+        except Exception as error:  # a stage failed, and every later stage of the prompt with it
+            if result.error is None or OUTPUTS.index(kind) < OUTPUTS.index(result.failed_stage):
+                result.error, result.failed_stage = error, kind
+        else:
+            if kind == "video":
+                result.video = value
+            else:
+                on_report(request, value)
+        outstanding[request.index] -= 1
+        if outstanding[request.index] == 0:
+            del outstanding[request.index]
+            on_done(result)
+            submit_next()
+    return [results[index] for index in order]

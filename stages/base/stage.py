@@ -1,0 +1,106 @@
+"""The base stage: prompt -> text embeddings -> DiT denoised by a flow-matching sampler with
+classifier-free guidance -> latents `(1, 16, 1 + (T−1)/4, H/8, W/8)`.
+
+The stage only wires the models to the sampling math in flows/; it knows nothing of Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from cascade.payload import Clip, Request
+from flows import flow_sigmas, get_sampler, guided_velocity
+from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
+from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
+from stages.weights import dtype_from_name, load_or_init
+
+TIME_COMPRESSION, SPACE_COMPRESSION = 4, 8  # Wan VAE: 1 + 4k frames -> 1 + k latent frames, 8× space
+TRAINING_TIMESTEPS = 1000  # the DiT's timestep is 1000·σ
+
+
+@dataclass
+class BaseStageConfig:
+    text_encoder: TextEncoderConfig = field(default_factory=lambda: dataclasses.replace(TEXT_ENCODER_SIZES["tiny"]))
+    dit: WanDiTConfig = field(default_factory=lambda: dataclasses.replace(WAN_DIT_SIZES["tiny"]))
+    text_encoder_weights: str = ""  # empty: random weights (with a warning)
+    dit_weights: str = ""
+    sampler: str = "euler"  # euler, dpm++2m or unipc
+    steps: int = 20
+    shift: float = 5.0
+    guidance_scale: float = 5.0
+    negative_prompt: str = ""
+    dtype: str = "float32"
+    offload_text_encoder: bool = True  # keep the text encoder on the CPU except while encoding
+
+
+class BaseStage:
+    def __init__(self, config: BaseStageConfig, device: str = "cpu"):
+        self.config = config
+        self.device = torch.device(device)
+        self.dtype = dtype_from_name(config.dtype)
+        self.warnings: list[str] = []
+        self.text_encoder = load_or_init(
+            config.text_encoder_weights,
+            lambda path: TextEncoder.from_pretrained(path, config.text_encoder, dtype=self.dtype),
+            lambda: TextEncoder(config.text_encoder).to(self.dtype),
+            "the text encoder", "stages.base.text_encoder_weights", self.warnings,
+        ).eval()
+        self.dit = load_or_init(
+            config.dit_weights,
+            lambda path: WanDiT.from_pretrained(path, config.dit, dtype=self.dtype),
+            lambda: WanDiT(config.dit).to(self.dtype),
+            "the DiT", "stages.base.dit_weights", self.warnings,
+        ).eval().to(self.device)
+        self.text_encoder.to("cpu" if config.offload_text_encoder else self.device)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), text_len, text_dim), zero past each prompt's tokens."""
+        if self.config.offload_text_encoder:
+            self.text_encoder.to(self.device)
+        embeddings, _ = self.text_encoder.encode(prompts)
+        if self.config.offload_text_encoder:
+            self.text_encoder.to("cpu")
+        return embeddings.to(self.device, self.dtype)
+
+    def latent_shape(self, request: Request) -> tuple[int, ...]:
+        return (
+            1,
+            self.config.dit.in_dim,
+            1 + (request.num_frames - 1) // TIME_COMPRESSION,
+            request.height // SPACE_COMPRESSION,
+            request.width // SPACE_COMPRESSION,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self, clip: Optional[Clip], request: Request, progress: Optional[Callable[[int, int], None]] = None
+    ) -> Clip:
+        config = self.config
+        notes = {}
+        limit = config.text_encoder.text_len
+        tokens = self.text_encoder.token_count(request.prompt)
+        if tokens > limit:
+            notes["prompt_truncated"] = f"prompt has {tokens} tokens, the text encoder takes {limit}: truncated"
+        condition, uncondition = self.encode_prompts([request.prompt, request.negative_prompt]).chunk(2)
+
+        def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            timestep = (sigma * TRAINING_TIMESTEPS).expand(x.shape[0]).to(self.device, torch.float32)
+            return self.dit(x.to(self.dtype), timestep, text).float()
+
+        velocity = guided_velocity(dit_velocity, condition, uncondition, config.guidance_scale)
+        generator = torch.Generator().manual_seed(request.seed)  # CPU noise: the same on any device
+        noise = torch.randn(self.latent_shape(request), generator=generator).to(self.device)
+        sigmas = flow_sigmas(config.steps, config.shift).to(self.device, torch.float32)
+
+        def report(step: dict) -> None:
+            if progress is not None:
+                progress(step["i"] + 1, config.steps)
+
+        latents = get_sampler(config.sampler)(velocity, noise, sigmas, callback=report)  # (1, 16, T', h, w)
+        return Clip(latents.float().cpu().numpy().astype(np.float32), "latent", request.fps, request, notes)

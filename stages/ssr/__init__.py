@@ -1,0 +1,6 @@
+"""Spatial super-resolution: an orthonormal wavelet transform and the wavelet upsampler."""
+
+from stages.ssr.upsampler import WaveletUpsampler, WaveletUpsamplerConfig
+from stages.ssr.wavelet import dwt2, idwt2
+
+__all__ = ["dwt2", "idwt2", "WaveletUpsampler", "WaveletUpsamplerConfig"]

@@ -1,0 +1,48 @@
+"""Shared fixtures. Starting Ray costs ~10 s, so the whole session shares one simulated two-node
+cluster: tests that need Ray in-process connect to it, CLI tests join it with --address, and the
+placement test pins stages to its nodes by custom resources."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+# Small enough to run in seconds on 2 cores, large enough to exercise every stage's structure.
+FAST = ["stages.base.steps=3", "video.num_frames=9", "video.height=64", "video.width=64"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of two nodes, offering custom resources `node_a` and `node_b`."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 4, "resources": {"node_a": 8}, "include_dashboard": False},
+    )
+    cluster.add_node(num_cpus=4, resources={"node_b": 8})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Runs run_cascade.py as a user would, from the repo root."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_cascade.py"), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
