@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import random
 import socket
 import sys
@@ -76,7 +78,7 @@ def check_address(address: str) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
 
 
-def start_ray(address: str | None) -> None:
+def start_ray(address: str | None, config) -> None:
     import ray
 
     from cascade.errors import UserError
@@ -91,7 +93,12 @@ def start_ray(address: str | None) -> None:
             raise UserError(f"cannot join the Ray cluster at {address}: {error}") from None
         log.info("joined the Ray cluster at %s", address)
         return
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    # A local Ray offers at least the CPU slots the stages ask for, even on a 2-core laptop.
+    asked = sum(getattr(config.stages, name).resources.num_cpus for name in ("base", "tsr", "ssr"))
+    context = ray.init(
+        num_cpus=max(os.cpu_count() or 1, math.ceil(asked)),
+        include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+    )
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
 
@@ -128,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     requests = make_requests(prompts, config, args.seed)
 
-    start_ray(args.address)
+    start_ray(args.address, config)
     try:
         workers = create_workers(config)
         loaded = load_workers(workers)

@@ -1,9 +1,11 @@
 """CPU benchmark: our WanDiT forward against diffusers' WanTransformer3DModel, same weights, same input.
 
-    python bench/bench_dit.py            # from the repository root; prints a markdown table
+    python bench/bench_dit.py [--threads N] [--runs N]    # from the repository root
 
 Time: both models live in this process; after one warm-up forward each, their forwards alternate
-(so load from other processes on the machine falls on both alike) and the median of each is kept.
+(so load from other processes on the machine falls on both alike). The table gives each model's
+median, and as the time ratio the median over rounds of ours / diffusers within a round, which
+pairs forwards run under the same load (on a shared machine, also try --threads 1).
 
 Peak memory: each model runs in its own fresh subprocess. After building the model and the inputs and
 one warm-up forward, the subprocess resets the kernel's peak-RSS counter (writing 5 to
@@ -36,7 +38,6 @@ from stages.weights import load_into  # noqa: E402
 
 CONFIG = WanDiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=4, text_len=512, text_dim=4096)
 LATENT_SHAPE = (1, 16, 5, 30, 52)  # 5 × 15 × 26 = 1950 tokens
-TIMED_RUNS = 5
 
 
 def diffusers_model(seed: int = 0) -> WanTransformer3DModel:
@@ -98,32 +99,37 @@ def measure_peak_memory_worker(name: str) -> None:
     print(json.dumps({"peak_mib": (peak - before) / 1024}))
 
 
-def peak_memory_mib(name: str) -> float:
+def peak_memory_mib(name: str, threads: int) -> float:
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     result = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", name],
+        [sys.executable, __file__, "--memory-worker", name, "--threads", str(threads)],
         env=environment, capture_output=True, text=True, check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def median_times(models: dict[str, torch.nn.Module], args: tuple[torch.Tensor, ...]) -> dict[str, float]:
+def forward_times(
+    models: dict[str, torch.nn.Module], args: tuple[torch.Tensor, ...], runs: int
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for name, model in models.items():
             forward(name, model, args)  # warm-up
-        for _ in range(TIMED_RUNS):
+        for _ in range(runs):
             for name, model in models.items():
                 start = time.perf_counter()
                 forward(name, model, args)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--runs", type=int, default=7, help="timed forwards of each model")
     parser.add_argument("--memory-worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     options = parser.parse_args()
+    torch.set_num_threads(options.threads)
     if options.memory_worker:
         measure_peak_memory_worker(options.memory_worker)
         return
@@ -134,8 +140,9 @@ def main() -> None:
     with torch.inference_mode():
         ours, theirs = (forward(name, model, args) for name, model in models.items())
     relative_error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-    seconds = median_times(models, args)
-    memory = {name: peak_memory_mib(name) for name in models}
+    times = forward_times(models, args, options.runs)
+    seconds = {name: statistics.median(values) for name, values in times.items()}
+    memory = {name: peak_memory_mib(name, options.threads) for name in models}
 
     tokens = LATENT_SHAPE[2] * (LATENT_SHAPE[3] // 2) * (LATENT_SHAPE[4] // 2)
     print(
@@ -144,11 +151,14 @@ def main() -> None:
         f"latents {LATENT_SHAPE} ({tokens} tokens), text (1, {CONFIG.text_len}, {CONFIG.text_dim}); "
         f"outputs differ by {relative_error:.1e} (max abs / max abs)\n"
     )
-    print(f"| model | median forward (s), {TIMED_RUNS} runs | peak memory of a forward (MiB) |")
-    print("|---|---|---|")
+    print(f"| model | median forward (s), {options.runs} runs | fastest – slowest (s) "
+          "| peak memory of a forward (MiB) |")
+    print("|---|---|---|---|")
     for name in models:
-        print(f"| {name} | {seconds[name]:.3f} | {memory[name]:.1f} |")
-    print(f"| ours / diffusers | {seconds['ours'] / seconds['diffusers']:.3f} | "
+        spread = f"{min(times[name]):.3f} – {max(times[name]):.3f}"
+        print(f"| {name} | {seconds[name]:.3f} | {spread} | {memory[name]:.1f} |")
+    paired_ratio = statistics.median(ours / theirs for ours, theirs in zip(times["ours"], times["diffusers"]))
+    print(f"| ours / diffusers | {paired_ratio:.3f} | | "
           f"{memory['ours'] / memory['diffusers']:.3f} |")
 
 

@@ -12,6 +12,8 @@ submission order, so submitting prompt k+1 while k is still in tsr keeps every s
 
 from __future__ import annotations
 
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -21,6 +23,8 @@ from ray.dag import InputNode, MultiOutputNode
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig
 from cascade.payload import Request
+
+log = logging.getLogger(__name__)
 
 OUTPUTS = (*STAGE_NAMES, "video")  # what dag.execute returns refs to, in pipeline order
 
@@ -42,11 +46,21 @@ def create_workers(config: CascadeConfig) -> dict[str, ray.actor.ActorHandle]:
     return workers
 
 
-def load_workers(workers: dict[str, ray.actor.ActorHandle]) -> dict[str, dict]:
+def load_workers(workers: dict[str, ray.actor.ActorHandle], patience_s: float = 30.0) -> dict[str, dict]:
     """Builds every stage's models in parallel; re-raises the first stage's error (a
-    `WeightsError` stays a `WeightsError`)."""
-    refs = {name: worker.load.remote() for name, worker in workers.items()}
-    return {name: ray.get(ref) for name, ref in refs.items()}
+    `WeightsError` stays a `WeightsError`). Says which stages are still waiting every
+    `patience_s` seconds: an actor whose resources no node offers waits forever."""
+    refs = {worker.load.remote(): name for name, worker in workers.items()}
+    waiting = list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=patience_s)
+        for ref in done:
+            ray.get(ref)  # raise a stage's load error now
+        if waiting:
+            names = ", ".join(refs[ref] for ref in waiting)
+            log.warning("still waiting for stage(s) %s to start and load: check that the cluster offers "
+                        "their resources (available now: %s)", names, ray.available_resources())
+    return {name: ray.get(ref) for ref, name in refs.items()}
 
 
 def build_dag(workers: dict[str, ray.actor.ActorHandle]) -> MultiOutputNode:
@@ -86,7 +100,11 @@ def run_pipelined(
         request = next(pending_requests, None)
         if request is None:
             return False
-        refs = dag.execute(request)
+        with warnings.catch_warnings():
+            # Ray 2.60 marks the classic DAG's execute() deprecated without a CPU replacement;
+            # compiled graphs (experimental_compile) are the GPU path, see docs/.
+            warnings.filterwarnings("ignore", message="DAGNode.execute", category=DeprecationWarning)
+            refs = dag.execute(request)
         for ref, kind in zip(refs, OUTPUTS):
             waiting[ref] = (request, kind)
         outstanding[request.index] = len(refs)

@@ -65,6 +65,10 @@ class RunWriter:
     """Writes one prompt's folder as its stages finish."""
 
     def __init__(self, out_dir: Path, run_id: str, request: Request, manifest_base: dict):
+        taken = 1
+        while (out_dir / run_id).exists():  # the same seed twice in one second
+            taken += 1
+            run_id = f"{run_id.rsplit('~', 1)[0]}~{taken}"
         self.folder = out_dir / run_id
         self.request = request
         self.started = time.time()

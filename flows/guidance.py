@@ -30,7 +30,9 @@ def guided_velocity(
     prompt, matching x's batch (B, ...). sigma is passed through unchanged (a 0-d tensor).
     """
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"guidance scale must be a finite number (1 disables guidance), got {scale!r}")
+        raise ValueError(
+            f"guidance scale must be a finite number (1 disables guidance), got {scale!r}"
+        )
     if condition.shape != uncondition.shape:
         raise ValueError(
             "condition and uncondition must have the same shape to share one batched call, got "
@@ -47,7 +49,8 @@ def guided_velocity(
             raise ValueError(
                 f"x has batch size {x.shape[0]} but the condition has {condition.shape[0]}"
             )
-        velocity_cond, velocity_uncond = velocity_fn(torch.cat([x, x]), sigma, both_conditions).chunk(2)
+        velocity = velocity_fn(torch.cat([x, x]), sigma, both_conditions)  # (2B, ...)
+        velocity_cond, velocity_uncond = velocity.chunk(2)
         return velocity_uncond + scale * (velocity_cond - velocity_uncond)
 
     return guided

@@ -101,8 +101,8 @@ def _multistep_predictor(
 def _unic_weights(h: float, ratio: float) -> tuple[float, float]:
     """Weights (ρ_history, ρ_new) of the order-2 UniC corrector with B(h) = e^(−h) − 1 (bh2).
 
-    They solve [[1, 1], [−r, 1]]·ρ = [b_1, b_2] with b_k = k!·φ_(k+1)(−h)·(−h)^k / B(h) in the
-    notation of the UniPC paper (φ_1(z) = (e^z − 1)/z, φ_(k+1)(z) = (φ_k(z) − 1/k!)/z).
+    They solve [[1, 1], [−r, 1]]·ρ = [b_1, b_2] with b_k = k!·hh·φ_(k+1)(hh) / B(h), hh = −h, in
+    the notation of the UniPC paper (φ_1(z) = (e^z − 1)/z, φ_(k+1)(z) = (φ_k(z) − 1/k!)/z).
     """
     hh = -h  # data prediction integrates towards growing λ, so the paper's h enters negated
     b_of_h = math.expm1(hh)
@@ -166,8 +166,8 @@ def sample_dpmpp_2m(
     """DPM-Solver++(2M): multistep, second order, data prediction; one model call per step.
 
     Step for step equal to diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
-    solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True)` (midpoint form,
-    final σ = 0 so the last step is first order).
+    solver_order=2, prediction_type="flow_prediction", use_flow_sigmas=True)` (midpoint form;
+    as there with its default final σ = 0, the last step is first order).
     """
     sigma_values = _check_sigmas(sigmas)
     previous_denoised = None

@@ -25,13 +25,17 @@ def noisy_sample_and_target(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[T
     if noise.shape != x0.shape:
         raise ValueError(f"noise must have x0's shape {tuple(x0.shape)}, got {tuple(noise.shape)}")
     if sigma.shape != x0.shape[:1]:
-        raise ValueError(f"sigma must have shape ({x0.shape[0]},), one per sample, got {tuple(sigma.shape)}")
+        raise ValueError(
+            f"sigma must have shape ({x0.shape[0]},), one per sample, got {tuple(sigma.shape)}"
+        )
     sigma = sigma.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ..., 1)
     x_sigma = (1.0 - sigma) * x0 + sigma * noise
     return x_sigma, noise - x0
 
 
-def sample_training_sigmas(batch: int, shift: float, generator: torch.Generator | None = None) -> Tensor:
+def sample_training_sigmas(
+    batch: int, shift: float, generator: torch.Generator | None = None
+) -> Tensor:
     """(batch,) float32 noise levels: uniform on [0, 1), then shifted by `shift` (1 = no shift).
 
     Drawn on the generator's device when one is given, else on the default device.

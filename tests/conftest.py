@@ -17,6 +17,12 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import torch  # noqa: E402
+
+# The in-process tests share 2 cores with Ray's worker processes; one torch thread avoids the
+# spin-waiting of oversubscribed thread pools, which made small ops 100x slower here.
+torch.set_num_threads(1)
+
 # Small enough to run in seconds on 2 cores, large enough to exercise every stage's structure.
 FAST = ["stages.base.steps=3", "video.num_frames=9", "video.height=64", "video.width=64"]
 
@@ -29,9 +35,9 @@ def ray_cluster():
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 4, "resources": {"node_a": 8}, "include_dashboard": False},
+        head_node_args={"num_cpus": 8, "resources": {"node_a": 8}, "include_dashboard": False},
     )
-    cluster.add_node(num_cpus=4, resources={"node_b": 8})
+    cluster.add_node(num_cpus=8, resources={"node_b": 8})
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     yield cluster

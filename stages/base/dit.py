@@ -78,7 +78,8 @@ class WanDiTConfig:
             raise ValueError(f"WanDiTConfig.freq_dim={self.freq_dim} must be even (cosine and sine halves)")
         if len(self.patch_size) != 3 or any(not isinstance(p, int) or p < 1 for p in self.patch_size):
             raise ValueError(
-                f"WanDiTConfig.patch_size={list(self.patch_size)} must be 3 positive integers (time, height, width)"
+                f"WanDiTConfig.patch_size={list(self.patch_size)} must be 3 positive integers "
+                "(time, height, width)"
             )
         if not self.eps > 0:
             raise ValueError(f"WanDiTConfig.eps={self.eps} must be positive")
@@ -152,13 +153,15 @@ def rope_rotations(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
     """3D rotary embedding for a (frames, height, width) token grid: (L, 1, head_dim/2) complex64 unit
     rotations, L = frames·height·width in raster order. Each channel pair of a head rotates by
     position·frequency along its axis (frame pairs first, then height, then width), frequencies
-    1 / theta^(2i / axis_dim). Angles are formed in float64 once per grid, as Wan does."""
+    1 / theta^(2i / axis_dim). Angles are formed in float64, as Wan does, per axis (a few thousand
+    values); only the float32 result is expanded to the grid."""
     per_axis = []
     for size, axis_dim in zip(grid, rope_axis_dims(head_dim)):
         frequencies = 1.0 / ROPE_THETA ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
-        per_axis.append(torch.outer(torch.arange(size, dtype=torch.float64), frequencies))  # (size, axis_dim/2)
+        angles = torch.outer(torch.arange(size, dtype=torch.float64), frequencies)  # (size, axis_dim/2)
+        per_axis.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64))
     frames, height, width = grid
-    angles = torch.cat(
+    rotations = torch.cat(
         [
             per_axis[0][:, None, None, :].expand(frames, height, width, -1),
             per_axis[1][None, :, None, :].expand(frames, height, width, -1),
@@ -166,7 +169,7 @@ def rope_rotations(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
         ],
         dim=-1,
     )  # (frames, height, width, head_dim/2)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).reshape(-1, 1, head_dim // 2)
+    return rotations.reshape(-1, 1, head_dim // 2)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -194,7 +197,9 @@ class WanAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # x: (B, L, dim), context: (B, L_context, dim) -> (B, L, dim) in the weights' dtype
         dtype = self.q.weight.dtype
         x, context = x.to(dtype), context.to(dtype)
@@ -212,13 +217,13 @@ class WanBlock(nn.Module):
 
     def __init__(self, config: WanDiTConfig):
         super().__init__()
-        dim, eps = config.dim, config.eps
+        dim, ffn_dim, eps = config.dim, config.ffn_dim, config.eps
         self.norm1 = Float32LayerNorm(dim, eps, elementwise_affine=False)
         self.self_attn = WanAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm3 = Float32LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = WanAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm2 = Float32LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim))
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
@@ -266,10 +271,14 @@ class WanDiT(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
-        self.time_embedding = nn.Sequential(Float32Linear(config.freq_dim, dim), nn.SiLU(), Float32Linear(dim, dim))
+        dim, patch = config.dim, config.patch_size
+        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=patch, stride=patch)
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(
+            Float32Linear(config.freq_dim, dim), nn.SiLU(), Float32Linear(dim, dim)
+        )
         self.time_projection = nn.Sequential(nn.SiLU(), Float32Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
@@ -336,8 +345,8 @@ class WanDiT(nn.Module):
             raise ValueError(f"timestep must be ({batch},) for {batch} latents, got {tuple(timestep.shape)}")
         if text.shape != (batch, config.text_len, config.text_dim):
             raise ValueError(
-                f"text must be (B={batch}, text_len={config.text_len}, text_dim={config.text_dim}), zero-padded "
-                f"by the caller; got {tuple(text.shape)}"
+                f"text must be (B={batch}, text_len={config.text_len}, text_dim={config.text_dim}), "
+                f"zero-padded by the caller; got {tuple(text.shape)}"
             )
 
     @classmethod
@@ -367,6 +376,7 @@ class WanDiT(nn.Module):
         with torch.device("meta"):  # no time spent initialising weights that are overwritten
             model = cls(config)
         model.to(dtype)
+        # as in Wan, the time embedding, the modulation, norm3 and the head keep float32 weights
         for module in model.modules():
             if isinstance(module, (Float32Linear, Float32LayerNorm)):
                 module.float()
@@ -482,7 +492,9 @@ def read_config(config_file: Path) -> WanDiTConfig:
 def _official_entries_from_diffusers(entries: dict, config_file: Path) -> dict:
     image_inputs = {key: entries.get(key) for key in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")}
     if any(value is not None for value in image_inputs.values()):
-        raise WeightsError(f"{config_file} describes an image-conditioned model ({image_inputs}); only t2v is supported")
+        raise WeightsError(
+            f"{config_file} describes an image-conditioned model ({image_inputs}); only t2v is supported"
+        )
     official = {
         "dim": entries["num_attention_heads"] * entries["attention_head_dim"],
         "num_heads": entries["num_attention_heads"],

@@ -168,11 +168,13 @@ class RMSNorm(nn.Module):
 
 
 class FrameConv2d(nn.Conv2d):
-    """A 2D convolution applied to every frame of a clip (B, C, T, H, W), as one 3D convolution with
-    a kernel of depth 1 (no reshaping of the clip)."""
+    """A 2D convolution applied to every frame of a clip (B, C, T, H, W). (torch's conv3d with a
+    depth-1 kernel takes a slow path with a large buffer on the CPU; conv2d does not.)"""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
+        batch, _, frames, _, _ = x.shape
+        out = super().forward(x.transpose(1, 2).flatten(0, 1))  # (B·T, C', H', W'); a view when T == 1
+        return out.view(batch, frames, *out.shape[1:]).transpose(1, 2)
 
 
 class FrameUpsample2x(nn.Module):
@@ -299,10 +301,14 @@ class Encoder3d(nn.Module):
         self.downsamples = nn.Sequential(*downsamples)
         self.middle = _middle(dims[-1], config.dropout)
         self.head = _head(dims[-1], 2 * config.z_dim)
+        # Layers before the first temporal downsampling map frame t to frame t.
+        temporal = _resample_indices(self.downsamples, "downsample3d")
+        self.frame_layer_count = 1 + (temporal[0] if temporal else len(self.downsamples))
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        return run_layers([*self.downsamples, *self.middle, *self.head], x, cache)
+        layers = [self.conv1, *self.downsamples, *self.middle, *self.head]
+        x = run_frame_by_frame(layers[: self.frame_layer_count], x, cache)
+        return run_layers(layers[self.frame_layer_count :], x, cache)
 
 
 class Decoder3d(nn.Module):
@@ -325,10 +331,27 @@ class Decoder3d(nn.Module):
                 upsamples.append(Resample(out_dim, "upsample3d" if temporal_upsample[level] else "upsample2d"))
         self.upsamples = nn.Sequential(*upsamples)
         self.head = _head(dims[-1], 3)
+        # Layers after the last temporal upsampling map frame t to frame t.
+        temporal = _resample_indices(self.upsamples, "upsample3d")
+        self.clip_layer_count = 1 + len(self.middle) + (temporal[-1] + 1 if temporal else 0)
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        x = self.conv1(x, cache)
-        return run_layers([*self.middle, *self.upsamples, *self.head], x, cache)
+        layers = [self.conv1, *self.middle, *self.upsamples, *self.head]
+        x = run_layers(layers[: self.clip_layer_count], x, cache)
+        return run_frame_by_frame(layers[self.clip_layer_count :], x, cache)
+
+
+def _resample_indices(layers: nn.Sequential, mode: str) -> list[int]:
+    """Indices of the `Resample` layers of `mode` in `layers`."""
+    return [index for index, layer in enumerate(layers) if isinstance(layer, Resample) and layer.mode == mode]
+
+
+def run_frame_by_frame(layers: list[nn.Module], x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
+    """Runs layers that map frame t to frame t (after their causal past) over x one frame at a
+    time: the same result as all of x at once, with one frame's activations instead of all's."""
+    if x.shape[2] == 1 or not layers:
+        return run_layers(layers, x, cache)
+    return torch.cat([run_layers(layers, frame, cache) for frame in x.split(1, dim=2)], dim=2)
 
 
 # ---------------------------------------------------------------------------------------------------

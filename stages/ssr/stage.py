@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from cascade.payload import Clip, Request
@@ -47,14 +48,13 @@ class SsrStage:
     ) -> Clip:
         if clip.space != "pixel":
             raise ValueError(f"the ssr stage takes a pixel clip, got a {clip.space!r} one")
-        frames = torch.from_numpy(clip.data).permute(0, 2, 1, 3, 4)  # (B, T, 3, H, W)
-        batch, count, _, height, width = frames.shape
+        batch, _, count, height, width = clip.shape
         scale = self.config.upsampler.scale
-        frames = frames.reshape(batch * count, 3, height, width)
+        frames = clip.data.transpose(0, 2, 1, 3, 4).reshape(batch * count, 3, height, width)  # (B·T, 3, H, W)
         output = torch.empty(batch * count, 3, height * scale, width * scale, dtype=torch.uint8)
         for start in range(0, len(frames), self.config.frames_per_batch):
-            chunk = to_model_range(frames[start : start + self.config.frames_per_batch].to(self.device), self.dtype)
-            output[start : start + len(chunk)] = to_uint8(self.upsampler(chunk)).cpu()
+            chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + self.config.frames_per_batch]))
+            output[start : start + len(chunk)] = to_uint8(self.upsampler(to_model_range(chunk.to(self.device), self.dtype))).cpu()
             if progress is not None:
                 progress(start + len(chunk), len(frames))
         data = output.reshape(batch, count, 3, height * scale, width * scale).permute(0, 2, 1, 3, 4)

@@ -1,22 +1,29 @@
-"""Classical dense optical flow: coarse-to-fine, iterative Lucas–Kanade on Gaussian windows.
+"""Classical dense optical flow: coarse-to-fine, iterative Lucas–Kanade with candidate propagation.
 
-The method, level by level from the coarsest image of a pyramid to the finest:
+No weights, nothing learned; everything is batched torch and runs on CPU or GPU. The method, level
+by level from the coarsest image of a pyramid to the finest:
 
-1. upsample the flow found so far (zero at the coarsest level) and warp the target with it;
-2. linearise the brightness constancy target(p + flow + δ) ≈ source(p) around the warped target and
-   solve for δ by least squares over a Gaussian window around every pixel (dense Lucas–Kanade),
-   with a small Tikhonov term so that textureless windows move little instead of exploding;
-3. repeat 2. a few times (warp and refine), then median-filter the flow, which removes isolated
+1. upsample the flow found so far (zero at the coarsest level);
+2. propagate: every pixel compares its flow with the flows of its four neighbours `propagation_step`
+   pixels away and keeps whichever matches source to target best over its window (as in
+   PatchMatch). Near a motion edge, where coarse levels blur the flow of an object onto its
+   background, this pulls the right flow back across the edge;
+3. refine: warp the target with the flow, linearise brightness constancy
+   target(p + flow + δ) ≈ source(p) around the warped target and solve for δ by least squares over a
+   Gaussian window around every pixel (dense Lucas–Kanade), with a Tikhonov term so that windows
+   with little texture move little instead of exploding;
+4. repeat 2–3 `iterations` times, then take a 3 × 3 median of the flow, which removes isolated
    outliers and keeps motion edges sharp (Sun, Roth & Black, "Secrets of optical flow", 2010).
 
 It runs on luminance, normalised per pair to zero mean and unit variance, so frames in [0, 1] and
-in [−1, 1] give the same flow. No weights, nothing learned; everything is batched torch.
+in [−1, 1] give the same flow.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,56 +35,59 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601, for 3-channel frames
 
 @dataclass
 class ClassicalFlowConfig:
-    levels: int = 5  # pyramid levels at most; fewer when the coarsest side would drop below min_size
-    min_size: int = 8  # smallest side, in pixels, of the coarsest pyramid level
-    iterations: int = 3  # warp-and-refine passes per level
-    window_sigma: float = 2.0  # std of the Gaussian Lucas–Kanade window, in pixels of each level
-    regularization: float = 0.05  # Tikhonov weight: update damping where the window has little texture
-    median_size: int = 3  # median filter applied to the flow after each level (1 disables)
+    levels: int = 7  # pyramid levels at most; fewer where the coarsest side would drop below min_size
+    min_size: int = 8  # smallest side, in pixels, a pyramid level may have
+    iterations: int = 3  # propagate-and-refine passes per level
+    window_sigma: float = 2.0  # std of the Gaussian matching window, in pixels of each level
+    regularization: float = 0.05  # Tikhonov weight: damps updates where the window has little texture
+    propagation_step: int = 3  # distance, in pixels of each level, of the neighbours whose flow is tried
 
     def __post_init__(self) -> None:
-        if self.levels < 1:
-            raise ValueError(f"levels must be >= 1, got {self.levels}")
-        if self.min_size < 2:
-            raise ValueError(f"min_size must be >= 2, got {self.min_size}")
-        if self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.window_sigma <= 0:
-            raise ValueError(f"window_sigma must be > 0, got {self.window_sigma}")
-        if self.regularization < 0:
-            raise ValueError(f"regularization must be >= 0, got {self.regularization}")
-        if self.median_size < 1 or self.median_size % 2 == 0:
-            raise ValueError(f"median_size must be a positive odd number, got {self.median_size}")
+        for name, lowest in (("levels", 1), ("min_size", 2), ("iterations", 1), ("propagation_step", 1)):
+            if getattr(self, name) < lowest:
+                raise ValueError(f"ClassicalFlowConfig.{name} must be >= {lowest}, got {getattr(self, name)}")
+        for name in ("window_sigma", "regularization"):  # regularization > 0 keeps flat windows solvable
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ClassicalFlowConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Image filters (all take and return (B, C, H, W) and pad by replicating the border)
 
 
 def luminance(frames: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, 1, H, W): BT.601 luma for RGB, the channel mean otherwise."""
     if frames.shape[1] == 3:
-        weights = frames.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
-        return (frames * weights).sum(dim=1, keepdim=True)
+        return (frames * frames.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     return frames.mean(dim=1, keepdim=True)
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of every channel, replicate padding. images (B, C, H, W)."""
+    """Separable Gaussian blur of every channel, truncated at 2.5 sigma."""
     radius = max(1, math.ceil(2.5 * sigma))
     taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
     kernel = kernel / kernel.sum()
     channels = images.shape[1]
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
     images = F.pad(images, (radius, radius, radius, radius), mode="replicate")
-    images = F.conv2d(images, horizontal, groups=channels)
-    return F.conv2d(images, vertical, groups=channels)
+    images = F.conv2d(images, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(images, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def image_gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Central differences d/dx and d/dy, replicate padding. images (B, C, H, W)."""
+    """Central differences d/dx and d/dy."""
     padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
     grad_x = 0.5 * (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2])
     grad_y = 0.5 * (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1])
     return grad_x, grad_y
+
+
+def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """images(p + (dx, dy)) at every pixel p, for integer dx, dy."""
+    reach = max(abs(dx), abs(dy))
+    padded = F.pad(images, (reach, reach, reach, reach), mode="replicate")
+    height, width = images.shape[-2:]
+    return padded[..., reach + dy : reach + dy + height, reach + dx : reach + dx + width]
 
 
 def median_of_three(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -85,21 +95,23 @@ def median_of_three(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.
 
 
 def separable_median(images: torch.Tensor) -> torch.Tensor:
-    """3 × 3 separable median (median of the column medians of row triples), replicate padding."""
-    padded = F.pad(images, (1, 1, 0, 0), mode="replicate")
-    rows = median_of_three(padded[..., :-2], padded[..., 1:-1], padded[..., 2:])
-    padded = F.pad(rows, (0, 0, 1, 1), mode="replicate")
-    return median_of_three(padded[..., :-2, :], padded[..., 1:-1, :], padded[..., 2:, :])
+    """3 × 3 separable median: the median of three row medians; much cheaper than sorting nine."""
+    rows = median_of_three(shifted(images, -1, 0), images, shifted(images, 1, 0))
+    return median_of_three(shifted(rows, 0, -1), rows, shifted(rows, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pyramid
 
 
 def pyramid_sizes(height: int, width: int, config: ClassicalFlowConfig) -> list[tuple[int, int]]:
-    """Level sizes, finest first; each level halves the previous one (rounding up)."""
+    """Level sizes, finest first; each level halves the previous one, rounding up."""
     sizes = [(height, width)]
     while len(sizes) < config.levels:
-        next_height, next_width = (math.ceil(side / 2) for side in sizes[-1])
-        if min(next_height, next_width) < config.min_size:
+        smaller = (math.ceil(sizes[-1][0] / 2), math.ceil(sizes[-1][1] / 2))
+        if min(smaller) < config.min_size:
             break
-        sizes.append((next_height, next_width))
+        sizes.append(smaller)
     return sizes
 
 
@@ -112,108 +124,97 @@ def resize_image(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resample a flow (B, 2, h, w) to `size` and rescale its pixel units to the new grid."""
     height, width = flow.shape[-2:]
+    if (height, width) == size:
+        return flow
     resized = F.interpolate(flow, size=size, mode="bilinear", align_corners=False)
-    scale = flow.new_tensor([size[1] / width, size[0] / height]).view(1, 2, 1, 1)
-    return resized * scale
+    return resized * flow.new_tensor([size[1] / width, size[0] / height]).view(1, 2, 1, 1)
 
 
-def lucas_kanade_update(
-    source: torch.Tensor, warped_target: torch.Tensor, valid: torch.Tensor, config: ClassicalFlowConfig
+# ---------------------------------------------------------------------------------------------------
+# One level: propagate, refine
+
+
+def propagate(
+    source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor, config: ClassicalFlowConfig
 ) -> torch.Tensor:
-    """Least-squares flow increment δ (B, 2, H, W) with warped_target(p + δ) ≈ source(p) in each window.
+    """Per pixel, the best matching flow among its own and its four neighbours' at `propagation_step`.
 
-    source, warped_target (B, 1, H, W); valid (B, 1, H, W) is 0 where the flow points outside the
-    target, so clamped border pixels cast no vote.
+    source, target (B, 1, H, W); flow (B, 2, H, W). The match is the window-summed squared
+    difference between source and the target warped by the candidate flow.
     """
-    grad_x, grad_y = image_gradients(0.5 * (source + warped_target))  # symmetric gradients
-    difference = warped_target - source
-    products = valid * torch.cat(
-        (grad_x * grad_x, grad_x * grad_y, grad_y * grad_y, grad_x * difference, grad_y * difference), dim=1
-    )
-    sxx, sxy, syy, sxt, syt = gaussian_blur(products, config.window_sigma).unbind(dim=1)  # each (B, H, W)
-    sxx = sxx + config.regularization
-    syy = syy + config.regularization
-    determinant = sxx * syy - sxy * sxy
-    # Solve [[sxx, sxy], [sxy, syy]] δ = −[sxt, syt] by Cramer's rule (the matrix is positive definite).
-    delta_x = (sxy * syt - syy * sxt) / determinant
-    delta_y = (sxy * sxt - sxx * syt) / determinant
-    return torch.stack((delta_x, delta_y), dim=1)
+    step = config.propagation_step
+    candidates = [flow] + [shifted(flow, dx, dy) for dx, dy in ((step, 0), (-step, 0), (0, step), (0, -step))]
+    count, batch = len(candidates), flow.shape[0]
+    warped = backward_warp(target.repeat(count, 1, 1, 1), torch.cat(candidates))  # (K·B, 1, H, W)
+    errors = (warped.view(count, batch, *warped.shape[-2:]) - source[:, 0]).square()  # (K, B, H, W)
+    costs = gaussian_blur(errors.transpose(0, 1), config.window_sigma).split(1, dim=1)  # K × (B, 1, H, W)
+    best_flow, best_cost = candidates[0], costs[0]
+    for candidate, cost in zip(candidates[1:], costs[1:]):
+        best_flow = torch.where(cost < best_cost, candidate, best_flow)
+        best_cost = torch.minimum(cost, best_cost)
+    return best_flow
 
 
 def inside_mask(flow: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W): 1 where p + flow(p) lies inside the frame, else 0."""
     height, width = flow.shape[-2:]
-    xs = torch.arange(width, device=flow.device, dtype=flow.dtype).view(1, 1, -1)
-    ys = torch.arange(height, device=flow.device, dtype=flow.dtype).view(1, -1, 1)
-    x = xs + flow[:, 0]
-    y = ys + flow[:, 1]
+    x = torch.arange(width, device=flow.device, dtype=flow.dtype) + flow[:, 0]  # (B, H, W)
+    y = torch.arange(height, device=flow.device, dtype=flow.dtype).view(-1, 1) + flow[:, 1]
     inside = (x >= 0) & (x <= width - 1) & (y >= 0) & (y <= height - 1)
     return inside.unsqueeze(1).to(flow.dtype)
 
 
-def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
-    """images(p + (dx, dy)) with replicate padding. images (B, C, H, W)."""
-    r = max(abs(dx), abs(dy))
-    padded = F.pad(images, (r, r, r, r), mode="replicate")
-    height, width = images.shape[-2:]
-    return padded[..., r + dy : r + dy + height, r + dx : r + dx + width]
+def lucas_kanade_update(
+    source: torch.Tensor, target: torch.Tensor, flow: torch.Tensor, config: ClassicalFlowConfig
+) -> torch.Tensor:
+    """Least-squares increment δ (B, 2, H, W) with target(p + flow + δ) ≈ source(p) over each window.
 
+    source, target (B, 1, H, W). Pixels whose flow points outside the target cast no vote, since the
+    warp there only repeats the border.
+    """
+    warped_target = backward_warp(target, flow)
+    grad_x, grad_y = image_gradients(0.5 * (source + warped_target))  # symmetric gradients
+    difference = warped_target - source
+    products = inside_mask(flow) * torch.cat(
+        (grad_x * grad_x, grad_x * grad_y, grad_y * grad_y, grad_x * difference, grad_y * difference), dim=1
+    )
+    sxx, sxy, syy, sxt, syt = gaussian_blur(products, config.window_sigma).unbind(dim=1)  # each (B, H, W)
+    sxx = sxx + config.regularization
+    syy = syy + config.regularization
+    determinant = sxx * syy - sxy * sxy  # > 0: the regularised matrix is positive definite
+    # Solve [[sxx, sxy], [sxy, syy]] δ = −[sxt, syt] by Cramer's rule.
+    delta_x = (sxy * syt - syy * sxt) / determinant
+    delta_y = (sxy * sxt - sxx * syt) / determinant
+    return torch.stack((delta_x, delta_y), dim=1)
 
-def window_cost(source, target, flow, sigma):
-    return gaussian_blur((backward_warp(target, flow) - source).square(), sigma)
-
-
-def propagate(source, target, flow, config):
-    step = PROPAGATION_STEP
-    candidates = [flow] + [shifted(flow, dx, dy) for dx, dy in ((step, 0), (-step, 0), (0, step), (0, -step))]
-    k = len(candidates)
-    warped = backward_warp(target.repeat(k,1,1,1), torch.cat(candidates))  # (K·B, 1, H, W)
-    sq = (warped - source.repeat(k,1,1,1)).square()
-    b = source.shape[0]
-    sq = sq.view(k, b, *sq.shape[-2:]).transpose(0, 1)  # (B, K, H, W)
-    costs = gaussian_blur(sq, config.window_sigma).split(1, dim=1)
-    best_flow, best_cost = candidates[0], costs[0]
-    for c, cost in zip(candidates[1:], costs[1:]):
-        better = cost < best_cost
-        best_flow = torch.where(better, c, best_flow)
-        best_cost = torch.minimum(cost, best_cost)
-    return best_flow
-
-PROPAGATION_STEP = 3
-PROPAGATE = True
-MEDIAN = True
-PROP_ITERS = 3
 
 def estimate_flow(
-    source: torch.Tensor, target: torch.Tensor, config: ClassicalFlowConfig = ClassicalFlowConfig()
+    source: torch.Tensor, target: torch.Tensor, config: Optional[ClassicalFlowConfig] = None
 ) -> torch.Tensor:
-    """Dense flow (B, 2, H, W) in pixels with source(p) ≈ target(p + flow(p)).
+    """Dense flow (B, 2, H, W) in pixels, float32, with source(p) ≈ target(p + flow(p)).
 
     source, target (B, C, H, W) of any value range; `backward_warp(target, flow)` approximates source.
     Channel 0 of the flow is horizontal (x), channel 1 vertical (y).
     """
-    if source.shape != target.shape or source.dim() != 4:
+    config = config or ClassicalFlowConfig()
+    if source.dim() != 4 or source.shape != target.shape:
         raise ValueError(
             f"source and target must both be (B, C, H, W) of one shape, got {tuple(source.shape)} "
             f"and {tuple(target.shape)}"
         )
-    source_luma = luminance(source.float())
-    target_luma = luminance(target.float())
-    both = torch.cat((source_luma, target_luma), dim=1)  # (B, 2, H, W)
-    mean = both.mean(dim=(1, 2, 3), keepdim=True)
-    std = both.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-    both = (both - mean) / std
+    pair = torch.cat((luminance(source.float()), luminance(target.float())), dim=1)  # (B, 2, H, W)
+    mean = pair.mean(dim=(1, 2, 3), keepdim=True)
+    std = pair.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    pair = (pair - mean) / std
 
     sizes = pyramid_sizes(*source.shape[-2:], config)
-    flow = both.new_zeros(both.shape[0], 2, *sizes[-1])
+    flow = pair.new_zeros(pair.shape[0], 2, *sizes[-1])
     for size in reversed(sizes):  # coarsest first
-        level = resize_image(both, size)
+        level = resize_image(pair, size)
         level_source, level_target = level[:, :1], level[:, 1:]
         flow = resize_flow(flow, size)
-        for it in range(config.iterations):
-            if PROPAGATE and it < PROP_ITERS:
-                flow = propagate(level_source, level_target, flow, config)
-            warped_target = backward_warp(level_target, flow)
-            flow = flow + lucas_kanade_update(level_source, warped_target, inside_mask(flow), config)
-        flow = separable_median(flow) if MEDIAN else flow
+        for _ in range(config.iterations):
+            flow = propagate(level_source, level_target, flow, config)
+            flow = flow + lucas_kanade_update(level_source, level_target, flow, config)
+        flow = separable_median(flow)
     return flow

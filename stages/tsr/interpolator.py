@@ -25,7 +25,7 @@ from stages.tsr.flow import ClassicalFlowConfig, estimate_flow
 from stages.tsr.warp import backward_warp
 
 MAX_FACTOR = 8
-FIXED_POINT_ITERATIONS = 8  # enough to move a motion edge ~8 flow-gradient pixels; cheap warps
+FIXED_POINT_ITERATIONS = 4  # the Super SloMo start is close; each step is one warp of a flow
 CONSISTENCY_RELATIVE = 0.01  # tolerance on |residual|² as a share of |flow|² (Sundaram et al. 2010)
 CONSISTENCY_ABSOLUTE = 0.5  # tolerance on |residual|², in pixels²
 HIDDEN_WEIGHT = 0.05  # weight of a source pixel that the other frame does not show, relative to 1
@@ -66,16 +66,44 @@ def flow_from_time(flow_ab: torch.Tensor, flow_ba: torch.Tensor, fraction: float
     return flow, consistency(flow - moved, flow, moved)
 
 
+def interpolate_with_flows(
+    frame0: torch.Tensor, frame1: torch.Tensor, flow_01: torch.Tensor, flow_10: torch.Tensor, times: list[float]
+) -> torch.Tensor:
+    """Frames at `times` between frame0 and frame1 (B, C, H, W), given the flows between them.
+
+    flow_01, flow_10 (B, 2, H, W) in pixels: frame0(p) ≈ frame1(p + flow_01(p)) and the reverse.
+    Returns (len(times), B, C, H, W); t = 0 and t = 1 give the inputs exactly.
+    """
+    flow_01, flow_10 = flow_01.float(), flow_10.float()
+    seen_0 = seen_in_other_frame(flow_01, flow_10)  # (B, 1, H, W) on frame 0's grid
+    seen_1 = seen_in_other_frame(flow_10, flow_01)
+    frames = []
+    for t in times:
+        if t == 0 or t == 1:
+            frames.append((frame0 if t == 0 else frame1).clone())
+            continue
+        flow_t0, settled_0 = flow_from_time(flow_01, flow_10, t)
+        flow_t1, settled_1 = flow_from_time(flow_10, flow_01, 1 - t)
+        # A tiny floor keeps the division defined where neither frame shows q: a plain blend there.
+        weight_0 = (1 - t) * (settled_0 * (backward_warp(seen_0, flow_t0) + HIDDEN_WEIGHT) + 1e-6)
+        weight_1 = t * (settled_1 * (backward_warp(seen_1, flow_t1) + HIDDEN_WEIGHT) + 1e-6)
+        warped_0 = backward_warp(frame0.float(), flow_t0)
+        warped_1 = backward_warp(frame1.float(), flow_t1)
+        fused = (weight_0 * warped_0 + weight_1 * warped_1) / (weight_0 + weight_1)
+        frames.append(fused.to(frame0.dtype))
+    return torch.stack(frames)
+
+
 class ClassicalFlowInterpolator:
     """Interpolates between two frames with classical optical flow and occlusion-aware blending."""
 
-    def __init__(self, config: ClassicalFlowConfig = ClassicalFlowConfig()) -> None:
-        self.config = config
+    def __init__(self, config: Optional[ClassicalFlowConfig] = None) -> None:
+        self.config = config or ClassicalFlowConfig()
 
     def __call__(self, frame0: torch.Tensor, frame1: torch.Tensor, times: list[float]) -> torch.Tensor:
         """frame0, frame1 (B, C, H, W), times in [0, 1] → (len(times), B, C, H, W); t = 0 and t = 1
         return the inputs exactly."""
-        if frame0.shape != frame1.shape or frame0.dim() != 4:
+        if frame0.dim() != 4 or frame0.shape != frame1.shape:
             raise ValueError(
                 f"frame0 and frame1 must both be (B, C, H, W) of one shape, got {tuple(frame0.shape)} "
                 f"and {tuple(frame1.shape)}"
@@ -84,23 +112,9 @@ class ClassicalFlowInterpolator:
             if not 0 <= t <= 1:
                 raise ValueError(f"interpolation times must lie in [0, 1], got {t}")
         batch = frame0.shape[0]
+        # Both directions in one batch: (2B, 2, H, W), forward flows first.
         flows = estimate_flow(torch.cat((frame0, frame1)), torch.cat((frame1, frame0)), self.config)
-        flow_01, flow_10 = flows[:batch], flows[batch:]  # (B, 2, H, W) each
-        seen_0 = seen_in_other_frame(flow_01, flow_10)  # (B, 1, H, W) on frame 0's grid
-        seen_1 = seen_in_other_frame(flow_10, flow_01)
-
-        frames = []
-        for t in times:
-            if t == 0 or t == 1:
-                frames.append((frame0 if t == 0 else frame1).clone())
-                continue
-            flow_t0, settled_0 = flow_from_time(flow_01, flow_10, t)
-            flow_t1, settled_1 = flow_from_time(flow_10, flow_01, 1 - t)
-            weight_0 = (1 - t) * (settled_0 * (backward_warp(seen_0, flow_t0) + HIDDEN_WEIGHT) + 1e-6)
-            weight_1 = t * (settled_1 * (backward_warp(seen_1, flow_t1) + HIDDEN_WEIGHT) + 1e-6)
-            blended = weight_0 * backward_warp(frame0.float(), flow_t0) + weight_1 * backward_warp(frame1.float(), flow_t1)
-            frames.append((blended / (weight_0 + weight_1)).to(frame0.dtype))
-        return torch.stack(frames)
+        return interpolate_with_flows(frame0, frame1, flows[:batch], flows[batch:], times)
 
 
 def interpolate_frames(
@@ -121,6 +135,8 @@ def interpolate_frames(
         raise ValueError(f"factor must be an int from 1 to {MAX_FACTOR}, got {factor!r}")
     if frames.dim() != 4 or frames.shape[0] < 1:
         raise ValueError(f"frames must be (T, C, H, W) with T >= 1, got shape {tuple(frames.shape)}")
+    if not frames.is_floating_point():
+        raise ValueError(f"frames must be floating point, got {frames.dtype}")
     if pairs_per_batch < 1:
         raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
     if factor == 1 or frames.shape[0] == 1:

@@ -65,7 +65,7 @@ class TsrStage:
         report = progress or (lambda done, total: None)
 
         videos = []
-        for latents in torch.from_numpy(clip.data).split(1):  # one video of the batch at a time
+        for latents in torch.from_numpy(clip.data.copy()).split(1):  # one video of the batch at a time
             frames = self.decode(latents, lambda done: report(done, total))
             frames = interpolate_frames(
                 to_model_range(frames).to(self.device),
