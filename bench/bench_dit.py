@@ -3,9 +3,10 @@
     python bench/bench_dit.py [--threads N] [--runs N]    # from the repository root
 
 Time: both models live in this process; after one warm-up forward each, their forwards alternate
-(so load from other processes on the machine falls on both alike). The table gives each model's
-median, and as the time ratio the median over rounds of ours / diffusers within a round, which
-pairs forwards run under the same load (on a shared machine, also try --threads 1).
+(so load from other processes on the machine falls on both alike). Each forward's wall time and
+process CPU time are recorded; the table gives medians, and as ratios the median over rounds of
+ours / diffusers within a round (forwards that ran under the same load). On a shared machine the
+CPU time with --threads 1 is the steady number: it leaves out time spent waiting for a core.
 
 Peak memory: each model runs in its own fresh subprocess. After building the model and the inputs and
 one warm-up forward, the subprocess resets the kernel's peak-RSS counter (writing 5 to
@@ -110,17 +111,23 @@ def peak_memory_mib(name: str, threads: int) -> float:
 
 def forward_times(
     models: dict[str, torch.nn.Module], args: tuple[torch.Tensor, ...], runs: int
-) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in models}
+) -> dict[str, dict[str, list[float]]]:
+    """{clock: {model: seconds of each forward}} for the clocks "wall" and "cpu"."""
+    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
     with torch.inference_mode():
         for name, model in models.items():
             forward(name, model, args)  # warm-up
         for _ in range(runs):
             for name, model in models.items():
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 forward(name, model, args)
-                times[name].append(time.perf_counter() - start)
+                times["cpu"].setdefault(name, []).append(time.process_time() - cpu)
+                times["wall"].setdefault(name, []).append(time.perf_counter() - wall)
     return times
+
+
+def paired_ratio(seconds: dict[str, list[float]]) -> float:
+    return statistics.median(ours / theirs for ours, theirs in zip(seconds["ours"], seconds["diffusers"]))
 
 
 def main() -> None:
@@ -141,7 +148,6 @@ def main() -> None:
         ours, theirs = (forward(name, model, args) for name, model in models.items())
     relative_error = ((ours - theirs).abs().max() / theirs.abs().max()).item()
     times = forward_times(models, args, options.runs)
-    seconds = {name: statistics.median(values) for name, values in times.items()}
     memory = {name: peak_memory_mib(name, options.threads) for name in models}
 
     tokens = LATENT_SHAPE[2] * (LATENT_SHAPE[3] // 2) * (LATENT_SHAPE[4] // 2)
@@ -151,15 +157,15 @@ def main() -> None:
         f"latents {LATENT_SHAPE} ({tokens} tokens), text (1, {CONFIG.text_len}, {CONFIG.text_dim}); "
         f"outputs differ by {relative_error:.1e} (max abs / max abs)\n"
     )
-    print(f"| model | median forward (s), {options.runs} runs | fastest – slowest (s) "
-          "| peak memory of a forward (MiB) |")
-    print("|---|---|---|---|")
+    print(f"| model | wall time, median of {options.runs} (s) | wall fastest – slowest (s) "
+          "| CPU time, median (s) | peak memory of a forward (MiB) |")
+    print("|---|---|---|---|---|")
     for name in models:
-        spread = f"{min(times[name]):.3f} – {max(times[name]):.3f}"
-        print(f"| {name} | {seconds[name]:.3f} | {spread} | {memory[name]:.1f} |")
-    paired_ratio = statistics.median(ours / theirs for ours, theirs in zip(times["ours"], times["diffusers"]))
-    print(f"| ours / diffusers | {paired_ratio:.3f} | | "
-          f"{memory['ours'] / memory['diffusers']:.3f} |")
+        wall, cpu = times["wall"][name], times["cpu"][name]
+        print(f"| {name} | {statistics.median(wall):.3f} | {min(wall):.3f} – {max(wall):.3f} "
+              f"| {statistics.median(cpu):.3f} | {memory[name]:.1f} |")
+    print(f"| ours / diffusers | {paired_ratio(times['wall']):.3f} | | {paired_ratio(times['cpu']):.3f} "
+          f"| {memory['ours'] / memory['diffusers']:.3f} |")
 
 
 if __name__ == "__main__":

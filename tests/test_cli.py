@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import run_cascade
 from cascade.video import read_video
 from tests.conftest import FAST, run_cli
 
@@ -117,21 +118,22 @@ def bad_weights(tmp_path: Path) -> dict[str, Path]:
         ("prompts file", ["--prompts-file", "no/such/file.txt"], "cannot read prompts file"),
     ],
 )
-def test_bad_input_before_ray(tmp_path, case, args, message):
+def test_bad_input_before_ray(tmp_path, capsys, case, args, message):
+    """Checked before Ray starts, so run in-process (the same main() the script calls)."""
     out = tmp_path / "out"
-    result = run_cli("--out", str(out), *args)
-    assert result.returncode == 2, (case, result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-2000:]
+    assert run_cascade.main(["--out", str(out), *args]) == 2, case
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], stderr
     assert run_folders(out) == []
 
 
-def test_unwritable_out(tmp_path):
+def test_unwritable_out(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    result = run_cli("--out", str(blocker / "out"))
-    assert result.returncode == 2 and "not writable" in result.stderr and "Traceback" not in result.stderr
+    assert run_cascade.main(["--out", str(blocker / "out")]) == 2
+    assert "not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case, message", [
