@@ -7,8 +7,12 @@
 Method: every case runs in its own fresh subprocess (`--case NAME`). After the model is built and
 the inputs (and, in the uint8 case, the output array) are allocated and touched, the process's peak
 resident set (VmHWM) is reset to its current size by writing 5 to /proc/self/clear_refs; after the
-decode the new VmHWM minus the resident size before it is the decode's peak memory. Times are the
-best of `--repeats` runs after that measured first run. Run from the repository root:
+decode the new VmHWM minus the resident size before it is the decode's peak memory. Each case runs
+twice: with glibc's default malloc settings ("peak"), and with its mmap threshold fixed at 64 KiB
+("live"), so that every freed tensor goes back to the OS and the peak counts the tensors alive at
+once rather than what malloc keeps cached (the default's numbers vary from run to run). Times, with
+the default settings, are the best of the measured run and `--repeats` more (comparison only).
+Run from the repository root:
 
     python bench/bench_vae.py
 """
@@ -128,9 +132,8 @@ def run_case(case: str, repeats: int) -> dict:
 
 
 def _in_subprocess(case: str, repeats: int) -> dict:
-    """The case's time and peak memory (glibc's default allocator settings), and its peak memory
-    again in a second process with glibc's mmap threshold fixed at 64 KiB, so that every freed
-    tensor goes back to the OS and the peak counts live tensors, not memory malloc keeps cached."""
+    """The case's time and peak memory with glibc's default malloc settings, and its peak memory
+    again in a second process with the mmap threshold fixed at 64 KiB (live tensors)."""
     command = [sys.executable, __file__, "--case", case]
     result = json.loads(_run(command + ["--repeats", str(repeats)], os.environ))
     live = json.loads(_run(command + ["--repeats", "0"], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}))
@@ -145,7 +148,7 @@ def _run(command: list[str], environment: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="run one case in this process and print its JSON result")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs after the measured first run")
+    parser.add_argument("--repeats", type=int, default=1, help="comparison: timed runs after the measured one")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.repeats)))
@@ -153,7 +156,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs\n")
     ours, theirs = _in_subprocess("ours", args.repeats), _in_subprocess("diffusers", args.repeats)
-    batch, channels, latent_frames, height, width = COMPARISON_LATENTS
+    _, _, latent_frames, height, width = COMPARISON_LATENTS
     print(f"(a) decode, base_dim {COMPARISON_BASE_DIM}, latents {COMPARISON_LATENTS} -> "
           f"{1 + 4 * (latent_frames - 1)} frames of {8 * height}x{8 * width}\n")
     print("| decoder | time (s) | peak memory (MiB) | peak memory, live tensors (MiB) |")
@@ -168,7 +171,7 @@ def main() -> None:
     print("| consumer | memory | 17 frames (MiB) | 81 frames (MiB) | growth |")
     print("|---|---|---|---|---|")
     for mode, label in (("chunked", "iter_decode -> preallocated uint8"), ("whole", "decode -> whole float tensor")):
-        short, long = _in_subprocess(f"{mode}_17", args.repeats), _in_subprocess(f"{mode}_81", args.repeats)
+        short, long = _in_subprocess(f"{mode}_17", 0), _in_subprocess(f"{mode}_81", 0)
         for key, kind in (("peak_mib", "peak"), ("live_peak_mib", "peak, live tensors")):
             growth = long[key] / short[key] - 1
             print(f"| {label} | {kind} | {short[key]:.0f} | {long[key]:.0f} | {growth:+.0%} |")

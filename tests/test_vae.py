@@ -265,7 +265,8 @@ def test_bad_checkpoints_are_named(small_pair, tmp_path):
     del partial["decoder.head.2.bias"]
     partial["encoder.conv1.weight"] = partial["encoder.conv1.weight"][:4]
     torch.save(partial, tmp_path / "Wan2.1_VAE.pth")
-    with pytest.raises(WeightsError, match=r"missing keys: decoder\.head\.2\.bias.*mis-shaped keys: encoder\.conv1\.weight"):
+    expected = r"missing keys: decoder\.head\.2\.bias.*mis-shaped keys: encoder\.conv1\.weight"
+    with pytest.raises(WeightsError, match=expected):
         WanVAE.from_pretrained(tmp_path, config=SMALL)
     with pytest.raises(WeightsError, match="mis-shaped"):  # the right file, the wrong sizes
         WanVAE.from_pretrained(tmp_path / "Wan2.1_VAE.pth", config=WAN_VAE_SIZES["tiny"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Mapping
 
@@ -81,8 +81,9 @@ def _check_config(config: WanVAEConfig) -> None:
         )
     for name in ("latents_mean", "latents_std"):
         if len(getattr(config, name)) != config.z_dim:
-            raise ValueError(f"{name} has {len(getattr(config, name))} values; z_dim = {config.z_dim} needs one per channel")
-    if config.tile_size < 0 or not 0 <= config.tile_overlap:
+            values = len(getattr(config, name))
+            raise ValueError(f"{name} has {values} values; z_dim = {config.z_dim} needs one per channel")
+    if config.tile_size < 0 or config.tile_overlap < 0:
         raise ValueError(f"tile_size {config.tile_size} and tile_overlap {config.tile_overlap} must be >= 0")
     if config.tile_size > 0 and config.tile_overlap >= config.tile_size:
         raise ValueError(f"tile_overlap {config.tile_overlap} must be smaller than tile_size {config.tile_size}")
@@ -116,7 +117,8 @@ def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, cache: StreamCache)
 
 class CausalConv3d(nn.Conv3d, Streaming):
     """A 3D convolution that pads time on the past side only, so output frame t sees input frames
-    up to t. Space is padded on both sides by the convolution itself.
+    up to t: a time `padding` p puts 2p zero frames before the clip (as the official layer does).
+    Space is padded on both sides by the convolution itself.
 
     With a cache, `x` is the next chunk of a clip: it is prefixed with the frames this layer kept
     from the previous chunk (zeros before the first chunk), exactly as if the whole clip had been
@@ -210,8 +212,8 @@ class ResidualBlock(nn.Module, Streaming):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: StreamCache) -> torch.Tensor:
-        shortcut = self.shortcut(x)
-        return run_layers(self.residual, x, cache).add_(shortcut)
+        residual = run_layers(self.residual, x, cache)
+        return residual.add_(self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -281,7 +283,9 @@ def _middle(dim: int, dropout: float) -> nn.Sequential:
 
 
 def _head(in_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(in_dim, (in_dim, 1, 1, 1)), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1))
+    return nn.Sequential(
+        RMSNorm(in_dim, (in_dim, 1, 1, 1)), nn.SiLU(inplace=True), CausalConv3d(in_dim, out_dim, 3, padding=1)
+    )
 
 
 class Encoder3d(nn.Module):
@@ -297,11 +301,13 @@ class Encoder3d(nn.Module):
                 downsamples.append(ResidualBlock(in_dim, out_dim, config.dropout))
                 in_dim = out_dim
             if level < len(config.temporal_downsample):
-                downsamples.append(Resample(out_dim, "downsample3d" if config.temporal_downsample[level] else "downsample2d"))
+                mode = "downsample3d" if config.temporal_downsample[level] else "downsample2d"
+                downsamples.append(Resample(out_dim, mode))
         self.downsamples = nn.Sequential(*downsamples)
         self.middle = _middle(dims[-1], config.dropout)
         self.head = _head(dims[-1], 2 * config.z_dim)
-        # Layers before the first temporal downsampling map frame t to frame t.
+        # Up to the first temporal downsampling every layer maps frame t to frame t: those layers
+        # run one frame at a time, so the largest activations (full resolution) hold one frame.
         temporal = _resample_indices(self.downsamples, "downsample3d")
         self.frame_layer_count = 1 + (temporal[0] if temporal else len(self.downsamples))
 
@@ -328,10 +334,12 @@ class Decoder3d(nn.Module):
                 upsamples.append(ResidualBlock(in_dim, out_dim, config.dropout))
                 in_dim = out_dim
             if level < len(temporal_upsample):
-                upsamples.append(Resample(out_dim, "upsample3d" if temporal_upsample[level] else "upsample2d"))
+                mode = "upsample3d" if temporal_upsample[level] else "upsample2d"
+                upsamples.append(Resample(out_dim, mode))
         self.upsamples = nn.Sequential(*upsamples)
         self.head = _head(dims[-1], 3)
-        # Layers after the last temporal upsampling map frame t to frame t.
+        # After the last temporal upsampling every layer maps frame t to frame t: those layers run
+        # one frame at a time, so the largest activations (full resolution) hold one frame, not 4.
         temporal = _resample_indices(self.upsamples, "upsample3d")
         self.clip_layer_count = 1 + len(self.middle) + (temporal[-1] + 1 if temporal else 0)
 
@@ -390,7 +398,8 @@ class SpatialTiling:
     joins the network's outputs on them. `input_scale`/`output_scale` are pixels per latent pixel
     of the network's input and output (8 and 1 for the encoder, 1 and 8 for the decoder)."""
 
-    def __init__(self, latent_height: int, latent_width: int, config: WanVAEConfig, input_scale: int, output_scale: int) -> None:
+    def __init__(self, latent_height: int, latent_width: int, config: WanVAEConfig, input_scale: int,
+                 output_scale: int) -> None:
         self.row_spans = tile_spans(latent_height, config.tile_size, config.tile_overlap)
         self.column_spans = tile_spans(latent_width, config.tile_size, config.tile_overlap)
         self.row_weights = blend_weights(self.row_spans, output_scale)
@@ -503,7 +512,8 @@ class WanVAE(nn.Module):
         batch, _, num_latent_frames, height, width = self._check_latents(latents)
         scale = self.spatial_compression
         num_frames = 1 + self.temporal_compression * (num_latent_frames - 1)
-        frames = torch.empty(batch, 3, num_frames, height * scale, width * scale, dtype=self.dtype, device=latents.device)
+        frames = torch.empty(batch, 3, num_frames, height * scale, width * scale, dtype=self.dtype,
+                             device=latents.device)
         start = 0
         for chunk in self.iter_decode(latents):
             frames[:, :, start : start + chunk.shape[2]] = chunk
@@ -547,7 +557,9 @@ class WanVAE(nn.Module):
             config = config_from_diffusers(path / DIFFUSERS_CONFIG_NAME, config)
             weights = [path / name for name in DIFFUSERS_WEIGHTS_NAMES if (path / name).is_file()]
             if not weights:
-                raise WeightsError(f"diffusers VAE folder {path} has {DIFFUSERS_CONFIG_NAME} but no {DIFFUSERS_WEIGHTS_NAMES[0]}")
+                raise WeightsError(
+                    f"diffusers VAE folder {path} has {DIFFUSERS_CONFIG_NAME} but no {DIFFUSERS_WEIGHTS_NAMES[0]}"
+                )
             state_dict = official_state_dict_from_diffusers(read_state_dict(weights[0]))
         else:
             raise WeightsError(
@@ -596,14 +608,12 @@ def config_from_diffusers(config_path: Path, base: WanVAEConfig) -> WanVAEConfig
     decoder_base_dim = values.get("decoder_base_dim")
     if decoder_base_dim is not None and decoder_base_dim != values.get("base_dim", base.base_dim):
         raise WeightsError(f"{config_path}: decoder_base_dim = {decoder_base_dim} differs from base_dim; not supported")
-    known = {field_.name for field_ in fields(WanVAEConfig)}
-    assert set(_DIFFUSERS_CONFIG_FIELDS.values()) <= known
-    return replace(base, **{ours: values[theirs] for theirs, ours in _DIFFUSERS_CONFIG_FIELDS.items() if theirs in values})
+    sizes = {ours: values[theirs] for theirs, ours in _DIFFUSERS_CONFIG_FIELDS.items() if theirs in values}
+    return replace(base, **sizes)
 
 
-# diffusers module path -> official module path, applied in order to every key. A replacement may
-# use the decoder up-block arithmetic below. The residual-layer rule comes last: it renames the
-# layers inside any residual block (an index followed by norm1/conv1/... ).
+# diffusers name -> official name, applied in order to every key (after `_flatten_up_blocks`). The
+# last five rename the layers inside any residual block: an index followed by norm1, conv1, ...
 _DIFFUSERS_RENAMES: list[tuple[str, str]] = [
     (r"^quant_conv\.", "conv1."),
     (r"^post_quant_conv\.", "conv2."),
@@ -614,38 +624,36 @@ _DIFFUSERS_RENAMES: list[tuple[str, str]] = [
     (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", r"\1.middle.1."),
     (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.middle.2."),
     (r"^encoder\.down_blocks\.", "encoder.downsamples."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", "decoder.upsamples.{up_block_resnet}."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", "decoder.upsamples.{up_block_upsampler}."),
     (r"\.(\d+)\.norm1\.", r".\1.residual.0."),
     (r"\.(\d+)\.conv1\.", r".\1.residual.2."),
     (r"\.(\d+)\.norm2\.", r".\1.residual.3."),
     (r"\.(\d+)\.conv2\.", r".\1.residual.6."),
     (r"\.(\d+)\.conv_shortcut\.", r".\1.shortcut."),
 ]
+_UP_BLOCK_LAYER = re.compile(r"decoder\.up_blocks\.(\d+)\.(?:resnets\.(\d+)|upsamplers\.0)\.")
 
 
 def official_state_dict_from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Renames a diffusers `AutoencoderKLWan` state dict onto the official `Wan2.1_VAE.pth` names.
     Keys no rule knows are kept, so loading reports them as unexpected."""
-    # diffusers groups the decoder's flat `upsamples` list into up blocks of resnets + one upsampler.
-    resnet_indices = [int(m.group(1)) for key in state_dict if (m := re.match(r"decoder\.up_blocks\.0\.resnets\.(\d+)\.", key))]
-    layers_per_up_block = (max(resnet_indices) + 1 if resnet_indices else 3) + 1
+    # diffusers groups the decoder's flat `upsamples` into up blocks of resnets and one upsampler.
+    resnets_per_up_block = 1 + max(
+        (int(match.group(2)) for key in state_dict if (match := _UP_BLOCK_LAYER.match(key)) and match.group(2)),
+        default=-1,
+    )
 
-    def rename(pattern: str, replacement: str, key: str) -> str:
-        def substitute(match: re.Match) -> str:
-            if "{up_block_resnet}" in replacement:
-                index = int(match.group(1)) * layers_per_up_block + int(match.group(2))
-                return replacement.format(up_block_resnet=index)
-            if "{up_block_upsampler}" in replacement:
-                index = int(match.group(1)) * layers_per_up_block + layers_per_up_block - 1
-                return replacement.format(up_block_upsampler=index)
-            return match.expand(replacement)
-
-        return re.sub(pattern, substitute, key)
+    def flatten_up_blocks(key: str) -> str:
+        match = _UP_BLOCK_LAYER.match(key)
+        if match is None:
+            return key
+        block = int(match.group(1))
+        layer = int(match.group(2)) if match.group(2) is not None else resnets_per_up_block  # the upsampler
+        return f"decoder.upsamples.{block * (resnets_per_up_block + 1) + layer}." + key[match.end() :]
 
     renamed = {}
     for key, value in state_dict.items():
+        key = flatten_up_blocks(key)
         for pattern, replacement in _DIFFUSERS_RENAMES:
-            key = rename(pattern, replacement, key)
+            key = re.sub(pattern, replacement, key)
         renamed[key] = value
     return renamed

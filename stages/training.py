@@ -1,0 +1,144 @@
+"""The one training loop every stage model uses: AdamW with cosine decay, a progress bar with the
+losses, a JSON-lines log, and checkpoints that resume exactly.
+
+A run lives in one folder:
+
+    OUT/checkpoint.pt         model, optimizer, step and RNG states (written atomically)
+    OUT/train_log.jsonl       {"step", "loss", <loss parts>, "seconds"} every `log_every` steps
+    OUT/<weights_name>        the final weights (safetensors), what the stages load
+
+Running the same command again after an interruption continues from the last checkpoint; since
+`batches(step)` is a function of the step, the resumed run sees the same data it would have seen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 2000
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r} must be at least 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainingConfig.learning_rate={self.learning_rate!r} must be positive")
+
+
+def learning_rate_factor(step: int, config: TrainingConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> None:
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+         "rng": _rng_state(), "config": asdict(config)},
+        buffer,
+    )
+    _write_atomic(path, buffer.getvalue())
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]],
+    batches: Callable[[int], Any],
+    config: TrainingConfig,
+    out_dir: Path,
+    weights_name: str,
+) -> Path:
+    """Trains `model` for `config.steps` steps (continuing a checkpoint in `out_dir` if there is
+    one) and returns the path of the final safetensors weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    checkpoint_path = out_dir / CHECKPOINT_NAME
+    start = 0
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        _set_rng_state(state["rng"])
+        log.info("resuming %s from step %d", out_dir, start)
+    else:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+    scheduler.last_epoch = start - 1
+    scheduler.step()  # puts the learning rate of step `start` in place
+
+    model.train()
+    started = time.perf_counter()
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"training {weights_name}")
+    for step in bar:
+        loss, parts = loss_fn(model, batches(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            record = {"step": done, "loss": loss.item(), **parts, "seconds": round(time.perf_counter() - started, 2)}
+            with open(out_dir / LOG_NAME, "a") as file:
+                file.write(json.dumps(record) + "\n")
+            bar.set_postfix({key: f"{value:.4g}" for key, value in record.items() if key not in ("step", "seconds")})
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save_checkpoint(checkpoint_path, model, optimizer, done, config)
+    model.eval()
+    weights_path = out_dir / weights_name
+    _write_atomic(weights_path, save({key: value.detach().contiguous() for key, value in model.state_dict().items()}))
+    log.info("wrote %s", weights_path)
+    return weights_path
