@@ -96,6 +96,7 @@ def start_ray(address: str | None, config) -> None:
     # A local Ray offers at least the CPU slots the stages ask for, even on a 2-core laptop.
     asked = sum(getattr(config.stages, name).resources.num_cpus for name in ("base", "tsr", "ssr"))
     context = ray.init(
+        address="local",  # a new local Ray, even if another one runs on this machine
         num_cpus=max(os.cpu_count() or 1, math.ceil(asked)),
         include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
     )
