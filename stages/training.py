@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -118,7 +119,9 @@ def train(
         np.random.seed(config.seed)
         random.seed(config.seed)
     scheduler.last_epoch = start - 1
-    scheduler.step()  # puts the learning rate of step `start` in place
+    with warnings.catch_warnings():  # no optimizer step yet: this only sets the first learning rate
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
 
     model.train()
     started = time.perf_counter()

@@ -1,9 +1,13 @@
-"""The spatial super-resolution stage: frames -> wavelet upsampler, ×2 or ×4 height and width,
-a batch of frames at a time."""
+"""The spatial super-resolution stage: frames -> wavelet upsampler, ×2 or ×4 height and width.
+
+The upsampler is recurrent (each frame sees the previous frame's output), so every video of the
+clip is processed frame by frame in order; the videos of a batch go through together.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -11,36 +15,52 @@ import torch
 
 from cascade.payload import Clip, Request
 from stages.pixels import to_model_range, to_uint8
-from stages.ssr.upsampler import WaveletUpsampler, WaveletUpsamplerConfig
+from stages.ssr.upsampler import WaveletUpsampler, WaveletUpsamplerConfig, upsample_frames
 from stages.weights import dtype_from_name, load_into, load_or_init, read_state_dict
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent.parent
+SHIPPED_WEIGHTS = "weights/ssr/upsampler_x{scale}.safetensors"
 
 
 @dataclass
 class SsrStageConfig:
     upsampler: WaveletUpsamplerConfig = field(default_factory=WaveletUpsamplerConfig)
-    weights: str = ""  # empty: random weights (with a warning)
-    frames_per_batch: int = 8
+    # `{scale}` is replaced by upsampler.scale; a relative path is taken from the repository root.
+    # The default is the shipped weights (trained for the default upsampler size and haar);
+    # empty: random weights (with a warning).
+    weights: str = SHIPPED_WEIGHTS
     dtype: str = "float32"
+
+
+def weights_path(config: SsrStageConfig) -> str:
+    """The weights file `config` names, `{scale}` filled in and made absolute ("" stays "")."""
+    if not config.weights:
+        return ""
+    path = Path(config.weights.replace("{scale}", str(config.upsampler.scale)))
+    return str(path if path.is_absolute() else REPOSITORY_ROOT / path)
+
+
+def load_upsampler(config: SsrStageConfig, warnings: list[str]) -> WaveletUpsampler:
+    """The upsampler with the weights `config` names, or random ones (warning added to `warnings`)."""
+
+    def load(path: str) -> WaveletUpsampler:
+        model = WaveletUpsampler(config.upsampler)
+        load_into(model, read_state_dict(path), path)
+        return model
+
+    return load_or_init(
+        weights_path(config), load, lambda: WaveletUpsampler(config.upsampler),
+        "the wavelet upsampler", "stages.ssr.weights", warnings,
+    ).eval()
 
 
 class SsrStage:
     def __init__(self, config: SsrStageConfig, device: str = "cpu"):
-        if config.frames_per_batch < 1:
-            raise ValueError(f"stages.ssr.frames_per_batch must be ≥ 1, got {config.frames_per_batch}")
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype_from_name(config.dtype)
         self.warnings: list[str] = []
-
-        def load(path: str) -> WaveletUpsampler:
-            model = WaveletUpsampler(config.upsampler)
-            load_into(model, read_state_dict(path), path)
-            return model
-
-        self.upsampler = load_or_init(
-            config.weights, load, lambda: WaveletUpsampler(config.upsampler),
-            "the wavelet upsampler", "stages.ssr.weights", self.warnings,
-        ).eval().to(self.device, self.dtype)
+        self.upsampler = load_upsampler(config, self.warnings).to(self.device, self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -50,12 +70,13 @@ class SsrStage:
             raise ValueError(f"the ssr stage takes a pixel clip, got a {clip.space!r} one")
         batch, _, count, height, width = clip.shape
         scale = self.config.upsampler.scale
-        frames = clip.data.transpose(0, 2, 1, 3, 4).reshape(batch * count, 3, height, width)  # (B·T, 3, H, W)
-        output = torch.empty(batch * count, 3, height * scale, width * scale, dtype=torch.uint8)
-        for start in range(0, len(frames), self.config.frames_per_batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(frames[start : start + self.config.frames_per_batch]))
-            output[start : start + len(chunk)] = to_uint8(self.upsampler(to_model_range(chunk.to(self.device), self.dtype))).cpu()
+        output = np.empty((batch, 3, count, height * scale, width * scale), dtype=np.uint8)
+        frames = (  # frame t of every video, (B, 3, H, W) in [-1, 1]
+            to_model_range(torch.from_numpy(np.ascontiguousarray(clip.data[:, :, index])).to(self.device), self.dtype)
+            for index in range(count)
+        )
+        for index, upsampled in enumerate(upsample_frames(self.upsampler, frames)):
+            output[:, :, index] = to_uint8(upsampled).cpu().numpy()
             if progress is not None:
-                progress(start + len(chunk), len(frames))
-        data = output.reshape(batch, count, 3, height * scale, width * scale).permute(0, 2, 1, 3, 4)
-        return Clip(data.contiguous().numpy(), "pixel", clip.fps, request)
+                progress(index + 1, count)
+        return Clip(output, "pixel", clip.fps, request)
