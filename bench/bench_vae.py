@@ -118,17 +118,20 @@ def run_case(case: str, repeats: int) -> dict:
     size = STREAMING_LATENT_SIZE * model.spatial_compression
     video = np.ones((1 + 4 * (latent_frames - 1), size, size, 3), dtype=np.uint8)  # preallocated, touched
 
+    peak_by_latent_frame = []  # peak so far after each latent frame, MiB
+
     def decode_into_uint8() -> None:
         start = 0
         for chunk in model.iter_decode(latents):  # (1, 3, t, H, W) in [-1, 1]
             chunk_uint8 = chunk[0].add(1).mul_(127.5).round_().to(torch.uint8).permute(1, 2, 3, 0)
             video[start : start + chunk_uint8.shape[0]] = chunk_uint8.numpy()
             start += chunk_uint8.shape[0]
+            peak_by_latent_frame.append((_status_kib("VmHWM") - memory.start_kib) / 1024)
 
     decode = decode_into_uint8 if mode == "chunked" else (lambda: model.decode(latents))
     with PeakMemory() as memory:
         decode()
-    return {"peak_mib": memory.peak_mib, "seconds": _time(decode, repeats, memory.seconds)}
+    return {"peak_mib": memory.peak_mib, "seconds": memory.seconds, "peak_by_latent_frame": peak_by_latent_frame}
 
 
 def _in_subprocess(case: str, repeats: int) -> dict:
@@ -167,15 +170,17 @@ def main() -> None:
     print("| ours / diffusers | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |\n")
 
     size = STREAMING_LATENT_SIZE * 8
+    consumers = {"chunked": "iter_decode -> preallocated uint8", "whole": "decode -> whole float tensor"}
+    results = {(mode, frames): _in_subprocess(f"{mode}_{frames}", 0) for mode in consumers for frames in ("17", "81")}
     print(f"(b) our decode, base_dim {STREAMING_BASE_DIM}, {size}x{size} frames: peak memory by clip length\n")
     print("| consumer | memory | 17 frames (MiB) | 81 frames (MiB) | growth |")
     print("|---|---|---|---|---|")
-    for mode, label in (("chunked", "iter_decode -> preallocated uint8"), ("whole", "decode -> whole float tensor")):
-        short, long = _in_subprocess(f"{mode}_17", 0), _in_subprocess(f"{mode}_81", 0)
-        for key, kind in (("peak_mib", "peak"), ("live_peak_mib", "peak, live tensors")):
-            growth = long[key] / short[key] - 1
-            print(f"| {label} | {kind} | {short[key]:.0f} | {long[key]:.0f} | {growth:+.0%} |")
-        print(f"| {label} | time (s) | {short['seconds']:.2f} | {long['seconds']:.2f} | |")
+    for mode, label in consumers.items():
+        short, long = results[mode, "17"], results[mode, "81"]
+        for key, kind in (("peak_mib", "peak, default malloc"), ("live_peak_mib", "peak, live tensors")):
+            print(f"| {label} | {kind} | {short[key]:.0f} | {long[key]:.0f} | {long[key] / short[key] - 1:+.0%} |")
+    trajectory = ", ".join(f"{peak:.0f}" for peak in results["chunked", "81"]["peak_by_latent_frame"])
+    print(f"\nThe 81-frame chunked run, default malloc: peak so far (MiB) after each latent frame: {trajectory}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,17 @@ class StreamCache:
         self.first_chunk = True
         self.past_frames: dict[nn.Module, torch.Tensor] = {}
 
+    def keep(self, layer: nn.Module, frames: torch.Tensor) -> None:
+        """Remembers a copy of `frames` for `layer`'s next chunk. The copy goes into the buffer kept
+        from the previous chunk where the shape allows, so the cache allocates nothing per chunk
+        (fresh cache tensors each chunk, placed among that chunk's large temporaries, fragment the
+        CPU heap and raise the process's resident memory)."""
+        kept = self.past_frames.get(layer)
+        if kept is not None and kept.shape == frames.shape:
+            kept.copy_(frames)
+        else:
+            self.past_frames[layer] = frames.clone()
+
 
 class Streaming:
     """Marks the layers whose `forward(x, cache)` takes the `StreamCache`."""
@@ -141,8 +152,23 @@ class CausalConv3d(nn.Conv3d, Streaming):
         if past is not None:
             x = torch.cat([past, x], dim=2)
         if cache is not None and self.kept_length > 0:
-            cache.past_frames[self] = x[:, :, -self.kept_length :].clone()  # a copy, not a view of x
-        return super().forward(x)
+            cache.keep(self, x[:, :, -self.kept_length :])  # after the cat: the old past is no longer read
+        return self._convolve(x)
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W), already padded in time
+        """The 3D convolution, computed as one 2D convolution per output frame over the frames of
+        its window stacked on the channels (the weight (O, C, k, kh, kw) viewed as (O, C·k, kh, kw)):
+        the same sums as conv3d, but on the CPU torch runs conv3d of small inputs (a frame or two
+        of a few hundred pixels, as chunks and tiles give) on a native path 5-8x slower."""
+        batch, channels, frames, height, width = x.shape
+        depth, step = self.kernel_size[0], self.stride[0]
+        weight = self.weight.flatten(1, 2)
+        outputs = [
+            F.conv2d(x[:, :, start : start + depth].reshape(batch, channels * depth, height, width), weight,
+                     self.bias, self.stride[1:], self.padding[1:])
+            for start in range(0, frames - depth + 1, step)
+        ]
+        return outputs[0].unsqueeze(2) if len(outputs) == 1 else torch.stack(outputs, dim=2)
 
 
 def _triple(value: int | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -272,7 +298,7 @@ class Resample(nn.Module, Streaming):
         x = self.resample(x)
         if self.mode == "downsample3d":
             if cache.first_chunk:  # the first frame passes; it is the past of the next pair
-                cache.past_frames[self.time_conv] = x[:, :, -1:].clone()
+                cache.keep(self.time_conv, x[:, :, -1:])
             else:
                 x = self.time_conv(x, cache)
         return x

@@ -1,6 +1,9 @@
 """The temporal super-resolution stage: latents -> Wan VAE decode (one latent frame at a time,
 with the causal cache) -> frames -> optical-flow-guided interpolation, ×factor frame rate.
 
+The interpolator is the learned one (stages/tsr/learned.py, shipped weights in weights/tsr/) or the
+classical-flow one (no weights); both take any factor, since both are conditioned on the time t.
+
 T decoded frames become (T − 1)·factor + 1: factor − 1 new frames between each pair, the decoded
 frames kept exactly.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -17,8 +21,13 @@ from cascade.payload import Clip, Request
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
 from stages.pixels import to_model_range, to_uint8
 from stages.tsr.flow import ClassicalFlowConfig
-from stages.tsr.interpolator import ClassicalFlowInterpolator, interpolate_frames
+from stages.tsr.interpolator import ClassicalFlowInterpolator, FrameInterpolator, interpolate_frames
+from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.weights import dtype_from_name, load_or_init
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent.parent
+SHIPPED_WEIGHTS = "weights/tsr/interpolator.safetensors"
+INTERPOLATORS = ("learned", "classical")
 
 
 @dataclass
@@ -26,8 +35,30 @@ class TsrStageConfig:
     vae: WanVAEConfig = field(default_factory=lambda: dataclasses.replace(WAN_VAE_SIZES["tiny"]))
     vae_weights: str = ""  # empty: random weights (with a warning)
     factor: int = 3  # 16 fps -> 48 fps
-    flow: ClassicalFlowConfig = field(default_factory=ClassicalFlowConfig)
+    interpolator: str = "learned"  # "learned" or "classical"
+    # A relative path is taken from the repository root. The default is the shipped weights (trained
+    # for the default `learned` size); empty: random weights (with a warning).
+    interpolator_weights: str = SHIPPED_WEIGHTS
+    learned: LearnedInterpolatorConfig = field(default_factory=LearnedInterpolatorConfig)
+    flow: ClassicalFlowConfig = field(default_factory=ClassicalFlowConfig)  # of the classical interpolator
     dtype: str = "float32"  # of the VAE; interpolation runs in float32
+
+
+def make_interpolator(config: TsrStageConfig, warnings: list[str], device: str = "cpu") -> FrameInterpolator:
+    """The interpolator `config` names; random learned weights add a warning to `warnings`."""
+    if config.interpolator == "classical":
+        return ClassicalFlowInterpolator(config.flow)
+    if config.interpolator != "learned":
+        raise ValueError(f"stages.tsr.interpolator must be one of {list(INTERPOLATORS)}, got {config.interpolator!r}")
+    path = Path(config.interpolator_weights)
+    if config.interpolator_weights and not path.is_absolute():
+        path = REPOSITORY_ROOT / path
+    return load_or_init(
+        str(path) if config.interpolator_weights else "",
+        lambda weights: LearnedInterpolator.from_pretrained(weights, config.learned),
+        lambda: LearnedInterpolator(config.learned),
+        "the learned frame interpolator", "stages.tsr.interpolator_weights", warnings,
+    ).eval().to(device)
 
 
 class TsrStage:
@@ -42,7 +73,7 @@ class TsrStage:
             lambda: WanVAE(config.vae).to(self.dtype),
             "the VAE", "stages.tsr.vae_weights", self.warnings,
         ).eval().to(self.device)
-        self.interpolator = ClassicalFlowInterpolator(config.flow)
+        self.interpolator = make_interpolator(config, self.warnings, device)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, progress: Callable[[int], None]) -> torch.Tensor:
