@@ -65,7 +65,7 @@ def main() -> None:
     stage_times = {stage: [report.wall_time_s for _, reports in singles for report in reports if report.stage == stage]
                    for stage in ("base", "tsr", "ssr")}
 
-    print(f"| what | seconds |\n|---|---|")
+    print("| what | seconds |\n|---|---|")
     print(f"| ray.init (local) | {ray_start:.1f} |")
     print(f"| start 3 actors and load models | {actors_start:.1f} |")
     for stage, times in stage_times.items():

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import save
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from tqdm import tqdm
 
@@ -145,3 +147,29 @@ def train(
     _write_atomic(weights_path, save({key: value.detach().contiguous() for key, value in model.state_dict().items()}))
     log.info("wrote %s", weights_path)
     return weights_path
+
+
+def config_from_overrides(schema: type, overrides: list[str], settings: dict[str, Any] | None = None) -> Any:
+    """An instance of the structured-config dataclass `schema` with `key=value` overrides applied,
+    then the dotted `settings` that are not None (command-line options such as --steps). Raises
+    ValueError naming the bad key or value."""
+    merged = OmegaConf.structured(schema)
+    try:
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} is not of the form key=value (e.g. training.batch_size=4)")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        for key, value in (settings or {}).items():
+            if value is not None:
+                OmegaConf.update(merged, key, value, merge=False)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        raise ValueError(str(error).splitlines()[0]) from None
+
+
+def final_losses(out_dir: Path, last: int = 5) -> dict[str, float]:
+    """The mean of the last `last` logged values of each loss of a run."""
+    records = [json.loads(line) for line in (Path(out_dir) / LOG_NAME).read_text().splitlines() if line.strip()]
+    records = records[-last:]
+    keys = [key for key in records[-1] if key not in ("step", "seconds")]
+    return {key: round(float(np.mean([record[key] for record in records])), 5) for key in keys}

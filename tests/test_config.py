@@ -1,6 +1,5 @@
 """Configs: defaults, YAML files, overrides, and every bad value named before a model loads."""
 
-from pathlib import Path
 
 import pytest
 

@@ -29,12 +29,11 @@ from typing import Optional
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from stages.pixels import to_model_range
 from stages.ssr.upsampler import SUPPORTED_SCALES, WaveletUpsampler, WaveletUpsamplerConfig
 from stages.ssr.wavelet import LOW_BAND_GAIN, dwt2
-from stages.training import LOG_NAME, TrainingConfig, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train
 from stages.training_data import TRAINING_PHOTOS, clip_batch
 from stages.weights import load_into, read_state_dict
 
@@ -160,19 +159,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, SsrTrainingConfig]:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args(argv)
 
-    merged = OmegaConf.structured(SsrTrainingConfig)
-    try:
-        for item in arguments.overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value (e.g. training.batch_size=4)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        if arguments.scale is not None:
-            merged.upsampler.scale = arguments.scale
-        if arguments.steps is not None:
-            merged.training.steps = arguments.steps
-        config: SsrTrainingConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ValueError(str(error).splitlines()[0]) from None
+    config: SsrTrainingConfig = config_from_overrides(
+        SsrTrainingConfig, arguments.overrides, {"upsampler.scale": arguments.scale, "training.steps": arguments.steps}
+    )
     scale = config.upsampler.scale
     if scale not in SUPPORTED_SCALES:
         raise ValueError(f"--scale must be one of {sorted(SUPPORTED_SCALES)}, got {scale}")
@@ -196,14 +185,6 @@ def _check_same_model(out_dir: Path, config: SsrTrainingConfig) -> None:
             )
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(config)))
-
-
-def _final_losses(out_dir: Path, last: int = 5) -> dict[str, float]:
-    """The mean of the last `last` logged losses."""
-    records = [json.loads(line) for line in (out_dir / LOG_NAME).read_text().splitlines() if line.strip()]
-    records = records[-last:]
-    keys = [key for key in records[-1] if key not in ("step", "seconds")]
-    return {key: round(float(np.mean([record[key] for record in records])), 5) for key in keys}
 
 
 def main(argv: list[str]) -> int:
@@ -244,7 +225,7 @@ def main(argv: list[str]) -> int:
         "config": asdict(config),
         "init": arguments.init or "",
         "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": _final_losses(out_dir),
+        "final_losses": final_losses(out_dir),
         "weights": str(weights),
     }
     (out_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")

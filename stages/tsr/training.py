@@ -27,11 +27,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from stages.pixels import to_model_range
-from stages.training import LOG_NAME, TrainingConfig, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train
 from stages.training_data import TRAINING_PHOTOS, clip_batch, video_files
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.tsr.warp import backward_warp
@@ -108,17 +106,7 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, TsrTrainingCon
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args(argv)
 
-    merged = OmegaConf.structured(TsrTrainingConfig)
-    try:
-        for item in arguments.overrides:
-            if "=" not in item:
-                raise ValueError(f"override {item!r} is not of the form key=value (e.g. training.batch_size=4)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        if arguments.steps is not None:
-            merged.training.steps = arguments.steps
-        config: TsrTrainingConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as error:
-        raise ValueError(str(error).splitlines()[0]) from None
+    config: TsrTrainingConfig = config_from_overrides(TsrTrainingConfig, arguments.overrides, {"training.steps": arguments.steps})
     if config.crop_size < 16:
         raise ValueError(f"crop_size must be at least 16 pixels, got {config.crop_size}")
     if config.max_motion < 0 or config.warp_weight < 0:
@@ -140,14 +128,6 @@ def training_batches(config: TsrTrainingConfig, videos: Optional[Path]):
         return make_triplets(clips, np.random.default_rng([config.training.seed, step, CLIP_FRAMES]))
 
     return batches
-
-
-def final_losses(out_dir: Path, last: int = 5) -> dict[str, float]:
-    """The mean of the last `last` logged values of each loss."""
-    records = [json.loads(line) for line in (out_dir / LOG_NAME).read_text().splitlines() if line.strip()]
-    records = records[-last:]
-    keys = [key for key in records[-1] if key not in ("step", "seconds")]
-    return {key: round(float(np.mean([record[key] for record in records])), 5) for key in keys}
 
 
 def main(argv: list[str]) -> int:
