@@ -65,9 +65,10 @@ def _downscale(frames: np.ndarray, max_side: int) -> list[Image.Image]:
 
 
 def encode_gif(frames: np.ndarray, fps: float, max_side: int = 256) -> bytes:
-    """An looping animated GIF, downscaled so its longer side is at most `max_side`."""
+    """A looping animated GIF, downscaled so its longer side is at most `max_side`."""
     _check_frames(frames)
-    images = _downscale(frames, max_side)
+    # Fast octree palettes: Pillow's default median cut takes ~0.15 s a frame at 256².
+    images = [image.quantize(256, method=Image.Quantize.FASTOCTREE) for image in _downscale(frames, max_side)]
     buffer = io.BytesIO()
     duration_ms = max(20, round(1000 / fps))  # browsers clamp shorter GIF delays
     images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=0)
