@@ -158,6 +158,9 @@ def validate(config: CascadeConfig) -> None:
     )
     _require(video.fps > 0, "video.fps", video.fps, "a positive frame rate")
     _require(1 <= tsr.factor <= MAX_FACTOR, "stages.tsr.factor", tsr.factor, f"an integer from 1 to {MAX_FACTOR}")
+    from stages.tsr.stage import INTERPOLATORS
+
+    _require(tsr.interpolator in INTERPOLATORS, "stages.tsr.interpolator", tsr.interpolator, f"one of {INTERPOLATORS}")
     _require(ssr.upsampler.scale in SCALES, "stages.ssr.upsampler.scale", ssr.upsampler.scale, f"one of {SCALES}")
     _require(base.steps >= 1, "stages.base.steps", base.steps, "at least 1")
     _require(base.shift > 0, "stages.base.shift", base.shift, "a positive number")

@@ -138,3 +138,14 @@ def load_or_init(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         return make_random()
+
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shipped_weights_path(path: str) -> str:
+    """A weights path of the project's own (shipped under weights/): a relative one is taken from
+    the repository root, so it works from any working directory; "" stays "" (random init)."""
+    if not path or Path(path).is_absolute():
+        return path
+    return str(REPOSITORY_ROOT / path)

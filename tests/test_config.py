@@ -46,6 +46,7 @@ def test_wan_configs_need_a_checkpoint_and_hold_wan_sizes(file_name, tmp_path):
         ("stages.tsr.factor=0", "stages.tsr.factor"),
         ("stages.ssr.upsampler.scale=3", "stages.ssr.upsampler.scale"),
         ("stages.base.sampler=heun", "stages.base.sampler"),
+        ("stages.tsr.interpolator=magic", "stages.tsr.interpolator"),
         ("stages.base.dtype=float8", "stages.base.dtype"),
         ("stages.base.dit.text_dim=32", "stages.base.dit.text_dim"),
         ("steps", "key=value"),

@@ -7,7 +7,6 @@ clip is processed frame by frame in order; the videos of a batch go through toge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -16,9 +15,8 @@ import torch
 from cascade.payload import Clip, Request
 from stages.pixels import to_model_range, to_uint8
 from stages.ssr.upsampler import WaveletUpsampler, WaveletUpsamplerConfig, upsample_frames
-from stages.weights import dtype_from_name, load_into, load_or_init, read_state_dict
+from stages.weights import dtype_from_name, load_into, load_or_init, read_state_dict, shipped_weights_path
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED_WEIGHTS = "weights/ssr/upsampler_x{scale}.safetensors"
 
 
@@ -34,10 +32,7 @@ class SsrStageConfig:
 
 def weights_path(config: SsrStageConfig) -> str:
     """The weights file `config` names, `{scale}` filled in and made absolute ("" stays "")."""
-    if not config.weights:
-        return ""
-    path = Path(config.weights.replace("{scale}", str(config.upsampler.scale)))
-    return str(path if path.is_absolute() else REPOSITORY_ROOT / path)
+    return shipped_weights_path(config.weights.replace("{scale}", str(config.upsampler.scale)))
 
 
 def load_upsampler(config: SsrStageConfig, warnings: list[str]) -> WaveletUpsampler:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -23,9 +22,8 @@ from stages.pixels import to_model_range, to_uint8
 from stages.tsr.flow import ClassicalFlowConfig
 from stages.tsr.interpolator import ClassicalFlowInterpolator, FrameInterpolator, interpolate_frames
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
-from stages.weights import dtype_from_name, load_or_init
+from stages.weights import dtype_from_name, load_or_init, shipped_weights_path
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent.parent
 SHIPPED_WEIGHTS = "weights/tsr/interpolator.safetensors"
 INTERPOLATORS = ("learned", "classical")
 
@@ -50,11 +48,8 @@ def make_interpolator(config: TsrStageConfig, warnings: list[str], device: str =
         return ClassicalFlowInterpolator(config.flow)
     if config.interpolator != "learned":
         raise ValueError(f"stages.tsr.interpolator must be one of {list(INTERPOLATORS)}, got {config.interpolator!r}")
-    path = Path(config.interpolator_weights)
-    if config.interpolator_weights and not path.is_absolute():
-        path = REPOSITORY_ROOT / path
     return load_or_init(
-        str(path) if config.interpolator_weights else "",
+        shipped_weights_path(config.interpolator_weights),
         lambda weights: LearnedInterpolator.from_pretrained(weights, config.learned),
         lambda: LearnedInterpolator(config.learned),
         "the learned frame interpolator", "stages.tsr.interpolator_weights", warnings,
