@@ -10,23 +10,27 @@ options each stage takes are listed by `python train_stage.py tsr --help`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
-STAGES = ("tsr", "ssr")
+# what -> the module whose main(argv) trains it
+TRAINABLE = {
+    "vae": "stages.base.vae_training",
+    "text_encoder": "stages.base.text_encoder_training",
+    "dit": "stages.base.dit_training",
+    "tsr": "stages.tsr.training",
+    "ssr": "stages.ssr.training",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: train_stage.py {{{','.join(STAGES)}}} [options]  (got {argv[:1] or 'nothing'})", file=sys.stderr)
+    if not argv or argv[0] not in TRAINABLE:
+        print(f"usage: train_stage.py {{{','.join(TRAINABLE)}}} [options]  (got {argv[:1] or 'nothing'})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if argv[0] == "tsr":
-        from stages.tsr.training import main as stage_main
-    else:
-        from stages.ssr.training import main as stage_main
-    return stage_main(argv[1:])
+    return importlib.import_module(TRAINABLE[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -26,11 +26,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 from tqdm import tqdm
+
+from stages.weights import write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def train(
             save_checkpoint(checkpoint_path, model, optimizer, done, config)
     model.eval()
     weights_path = out_dir / weights_name
-    _write_atomic(weights_path, save({key: value.detach().contiguous() for key, value in model.state_dict().items()}))
+    write_safetensors(weights_path, model.state_dict())
     log.info("wrote %s", weights_path)
     return weights_path
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cascade.video import read_video
+from stages.world import world_crops
 
 # skimage.data photos that load offline. `cat` is the same picture as `chelsea`, so only one is used;
 # `stereo_motorcycle` is its left view. Photos smaller than ~300 px (page, text) and binary or
@@ -332,6 +333,16 @@ def video_clips(folder: Path, num_frames: int, size: int, rng: np.random.Generat
 # Batches
 
 
+@dataclass
+class WorldSource:
+    """Training on the procedural world (stages/world.py) instead of photos: clips rendered at
+    `frame_size` (the size the stage sees: 128 for the tiny cascade's tsr, 256 for its ×2 ssr
+    targets) with `time_step` world frames between consecutive training frames."""
+
+    frame_size: int = 128
+    time_step: float = 1.0
+
+
 def clip_batch(
     step: int,
     seed: int,
@@ -341,10 +352,16 @@ def clip_batch(
     videos: Path | None = None,
     split: str = "train",
     max_motion: float = 8.0,
+    world: WorldSource | None = None,
 ) -> np.ndarray:
     """(B, num_frames, size, size, 3) uint8, a function of (step, seed) alone, so a resumed training
-    run sees the batches it would have seen. Synthetic clips of the `split`'s photos, or crops of
-    the videos in `videos` (training data only: there is no held-out split of a user's folder)."""
+    run sees the batches it would have seen. Synthetic clips of the `split`'s photos, crops of the
+    videos in `videos` (training data only: there is no held-out split of a user's folder), or crops
+    of procedural world clips (`world`)."""
+    if world is not None:
+        if videos is not None:
+            raise ValueError("train on a videos folder or on the procedural world, not both")
+        return world_crops(step, seed, batch_size, num_frames, size, world.frame_size, world.time_step)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
     if videos is not None and split != "train":

@@ -129,9 +129,10 @@ def load_or_init(
     warnings: list[str],
 ) -> nn.Module:
     """`load(path)`, or, when `path` is empty, `make_random()` under a fixed seed with a loud
-    warning appended to `warnings` (the cascade puts them in the log and the manifest)."""
+    warning appended to `warnings` (the cascade puts them in the log and the manifest). A relative
+    `path` is resolved by `shipped_weights_path`."""
     if path:
-        return load(path)
+        return load(shipped_weights_path(path))
     message = f"{what} has RANDOM weights ({config_key} is empty): its output is noise, not a model's"
     log.warning("WARNING: %s", message)
     warnings.append(message)
@@ -143,9 +144,28 @@ def load_or_init(
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 
 
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` (and string `metadata`) as a safetensors file, atomically (temp + rename).
+    Tensors that share storage (tied weights) are each written in full."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    seen: set[int] = set()
+    plain = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        pointer = value.untyped_storage().data_ptr()
+        plain[key] = value.clone() if pointer in seen else value.contiguous()
+        seen.add(pointer)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(save(plain, metadata))
+    temporary.replace(path)
+
+
 def shipped_weights_path(path: str) -> str:
-    """A weights path of the project's own (shipped under weights/): a relative one is taken from
-    the repository root, so it works from any working directory; "" stays "" (random init)."""
-    if not path or Path(path).is_absolute():
+    """Where a configured weights path points: a relative path that does not exist from the working
+    directory is taken from the repository root, so the configs' paths of the project's shipped
+    weights (weights/...) work from any working directory; "" stays "" (random init)."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
         return path
     return str(REPOSITORY_ROOT / path)

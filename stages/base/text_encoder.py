@@ -12,7 +12,9 @@ relative-position bias; T5 shares the first layer's). `TextEncoder.from_pretrain
   and `tokenizer/`;
 - an official Wan2.1 folder: `models_t5_umt5-xxl-enc-bf16.pth` (the state dict of Wan's own T5
   module, renamed here onto transformers' names) and the tokenizer folder `google/umt5-xxl/`;
-- the official `.pth` file itself.
+- the official `.pth` file itself;
+- a `.safetensors` file under transformers' names, sized by the config (the project's own tiny
+  encoder, trained by `train_stage.py text_encoder`).
 
 The small configurations use `ByT5Tokenizer`, which needs no vocabulary file: it encodes any text,
 Chinese included, as its UTF-8 bytes.
@@ -224,6 +226,8 @@ class TextEncoder(nn.Module):
         `text_encoder/config.json` for a diffusers folder and from `config` otherwise. The weights
         are held in `dtype`."""
         path = Path(path)
+        if path.is_file() and path.suffix == ".safetensors":  # transformers' names, sizes from `config`
+            return cls._with_weights(config, read_state_dict(path), str(path), path.parent, dtype)
         if path.is_file():
             return cls._from_official(path, config, dtype)
         if (path / DIFFUSERS_MODEL_FOLDER).is_dir():
@@ -233,7 +237,7 @@ class TextEncoder(nn.Module):
         raise WeightsError(
             f"text encoder checkpoint {path} is neither a diffusers folder ({DIFFUSERS_MODEL_FOLDER}/ "
             f"with config.json and model.safetensors, {DIFFUSERS_TOKENIZER_FOLDER}/) nor an official "
-            f"Wan2.1 folder ({OFFICIAL_CHECKPOINT_NAME}, {OFFICIAL_TOKENIZER_FOLDER}/), nor a .pth file"
+            f"Wan2.1 folder ({OFFICIAL_CHECKPOINT_NAME}, {OFFICIAL_TOKENIZER_FOLDER}/), nor a .pth or .safetensors file"
         )
 
     @classmethod

@@ -66,9 +66,10 @@ class WanVAEConfig:
 
 # Named configurations; copy one with `dataclasses.replace` before changing it.
 WAN_VAE_SIZES: dict[str, WanVAEConfig] = {
-    # Same structure and compression (4x time, 8x space, 16 channels), 1/6 of the width: for a CPU
-    # cascade at 128x128.
-    "tiny": WanVAEConfig(base_dim=16),
+    # Same structure and compression (4x time, 8x space, 16 channels), 1/6 of the width and one
+    # residual block per encoder level instead of two: for a CPU cascade at 128x128, trained on the
+    # procedural world (`train_stage.py vae`).
+    "tiny": WanVAEConfig(base_dim=16, num_res_blocks=1),
     "wan2.1": WanVAEConfig(),
 }
 
@@ -471,7 +472,8 @@ def stream(network: Callable[[torch.Tensor, StreamCache], torch.Tensor], chunks:
 
 class WanVAE(nn.Module):
     """The Wan2.1 VAE. `encode` maps frames to normalised latents, `decode`/`iter_decode` map them
-    back; neither builds an autograd graph (the VAE is frozen in this cascade)."""
+    back, without autograd (the VAE is frozen in the cascade); training uses `posterior` and
+    `decode_chunks`, which work on latents before normalisation and keep the graph."""
 
     def __init__(self, config: WanVAEConfig | None = None) -> None:
         super().__init__()
@@ -503,19 +505,33 @@ class WanVAE(nn.Module):
         std = torch.tensor(self.config.latents_std, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
         return mean, std
 
-    @torch.no_grad()
-    def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (B, 3, T, H, W) in [-1, 1] with T = 1 + 4k and H, W multiples of 8 -> float32
-        normalised latents (B, z_dim, 1 + k, H/8, W/8): the posterior mean mu, as (mu − mean) / std."""
+    def posterior(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames (B, 3, T, H, W) in [-1, 1] with T = 1 + 4k and H, W multiples of 8 -> the posterior's
+        mean and log-variance (B, z_dim, 1 + k, H/8, W/8), not normalised. Builds the autograd graph
+        when gradients are on (training); `encode` is the frozen use."""
         _, _, num_frames, height, width = self._check_frames(frames)
         x = frames.to(self.dtype)
         step, scale = self.temporal_compression, self.spatial_compression
         chunks = [x[:, :, :1], *(x[:, :, start : start + step] for start in range(1, num_frames, step))]
         tiling = SpatialTiling(height // scale, width // scale, self.config, input_scale=scale, output_scale=1)
         features = torch.cat(list(stream(self.encoder, chunks, tiling)), dim=2)  # (B, 2·z_dim, T', h, w)
-        mu = self.conv1(features)[:, : self.config.z_dim]
+        mu, log_variance = self.conv1(features).chunk(2, dim=1)
+        return mu, log_variance
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (B, 3, T, H, W) in [-1, 1] with T = 1 + 4k and H, W multiples of 8 -> float32
+        normalised latents (B, z_dim, 1 + k, H/8, W/8): the posterior mean mu, as (mu − mean) / std."""
+        mu, _ = self.posterior(frames)
         mean, std = self._latent_statistics(mu.device)
         return (mu.float() - mean) / std
+
+    def decode_chunks(self, z: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Latents z (B, z_dim, T', h, w), not normalised -> frames, unclamped, one latent frame at
+        a time (1 frame, then 4 per latent frame). Builds the autograd graph when gradients are on."""
+        _, _, _, height, width = self._check_latents(z)
+        tiling = SpatialTiling(height, width, self.config, input_scale=1, output_scale=self.spatial_compression)
+        yield from stream(self.decoder, self.conv2(z.to(self.dtype)).split(1, dim=2), tiling)
 
     @torch.no_grad()
     def iter_decode(self, latents: torch.Tensor,
@@ -524,11 +540,9 @@ class WanVAE(nn.Module):
         yields (B, 3, 1, 8h, 8w) for the first latent frame, then (B, 3, 4, 8h, 8w) for each next
         one, in the model's dtype. Memory stays that of one chunk whatever the clip length.
         `progress(done_latent_frames, total)` is called before each chunk is yielded."""
-        _, _, num_latent_frames, height, width = self._check_latents(latents)
+        num_latent_frames = self._check_latents(latents)[2]
         mean, std = self._latent_statistics(latents.device)
-        z = self.conv2((latents.float() * std + mean).to(self.dtype))
-        tiling = SpatialTiling(height, width, self.config, input_scale=1, output_scale=self.spatial_compression)
-        for done, frames in enumerate(stream(self.decoder, z.split(1, dim=2), tiling), start=1):
+        for done, frames in enumerate(self.decode_chunks(latents.float() * std + mean), start=1):
             if progress is not None:
                 progress(done, num_latent_frames)
             yield frames.clamp_(-1.0, 1.0)
@@ -592,9 +606,39 @@ class WanVAE(nn.Module):
                 f"no VAE checkpoint at {path}: expected the official {OFFICIAL_CHECKPOINT_NAME} (or a folder "
                 f"holding it), or a diffusers VAE folder with {DIFFUSERS_CONFIG_NAME} and {DIFFUSERS_WEIGHTS_NAMES[0]}"
             )
+        if path.suffix == ".safetensors":
+            config = _with_metadata_statistics(path, config)
         model = cls(config).to(dtype)
         load_into(model, state_dict, str(path))
         return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latent statistics in a safetensors file's metadata (how the project's own trained VAEs carry them)
+
+_STATISTICS_KEYS = ("latents_mean", "latents_std")
+
+
+def latent_statistics_metadata(mean: list[float], std: list[float]) -> dict[str, str]:
+    """The metadata entries under which a safetensors VAE file carries its latent statistics."""
+    return {"latents_mean": json.dumps(list(mean)), "latents_std": json.dumps(list(std))}
+
+
+def _with_metadata_statistics(path: Path, config: WanVAEConfig) -> WanVAEConfig:
+    """`config` with the latent statistics of `path`'s metadata, where it has them."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        metadata = file.metadata() or {}
+    if not all(key in metadata for key in _STATISTICS_KEYS):
+        return config
+    try:
+        values = {key: [float(value) for value in json.loads(metadata[key])] for key in _STATISTICS_KEYS}
+    except (ValueError, TypeError) as error:
+        raise WeightsError(f"VAE weights {path}: unreadable latent statistics in the metadata: {error}") from None
+    if any(len(value) != config.z_dim for value in values.values()):
+        raise WeightsError(f"VAE weights {path}: latent statistics in the metadata do not have z_dim={config.z_dim} entries")
+    return replace(config, **values)
 
 
 # ---------------------------------------------------------------------------------------------------

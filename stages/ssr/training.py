@@ -34,7 +34,7 @@ from stages.pixels import to_model_range
 from stages.ssr.upsampler import SUPPORTED_SCALES, WaveletUpsampler, WaveletUpsamplerConfig
 from stages.ssr.wavelet import LOW_BAND_GAIN, dwt2
 from stages.training import TrainingConfig, config_from_overrides, final_losses, train
-from stages.training_data import TRAINING_PHOTOS, clip_batch
+from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch
 from stages.weights import load_into, read_state_dict
 
 BAND_NAMES = ("LH", "HL", "HH")
@@ -50,6 +50,8 @@ class SsrTrainingConfig:
     crop_size: int = 64  # side of the high-resolution training crops, in pixels
     max_motion: float = 8.0  # synthetic clips: pixels a point moves per frame at most (high resolution)
     temporal_weight: float = 0.5  # weight of the temporal-consistency loss against the band L1
+    # with --world: high-resolution frames of the world at the tiny cascade's ×2 output size
+    world: WorldSource = field(default_factory=lambda: WorldSource(frame_size=256, time_step=1.0))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -155,6 +157,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, SsrTrainingConfig]:
     parser.add_argument("--steps", type=int, help="training steps (training.steps)")
     parser.add_argument("--scale", type=int, help="2 or 4 (upsampler.scale, default 2)")
     parser.add_argument("--videos", type=Path, help="train on crops of the videos in this folder instead of photos")
+    parser.add_argument("--world", action="store_true", help="train on the procedural world (stages/world.py) instead of photos")
     parser.add_argument("--init", help="weights to start from (a x2 file initialises every level of a x4 model)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv: list[str]) -> int:
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         clips = clip_batch(
             step, config.training.seed, config.training.batch_size, config.clip_frames, config.crop_size,
-            videos=videos, max_motion=config.max_motion,
+            videos=videos, max_motion=config.max_motion, world=config.world if arguments.world else None,
         )
         return make_pairs(clips, config.upsampler)
 
@@ -221,7 +224,8 @@ def main(argv: list[str]) -> int:
     )
     record = {
         "command": " ".join(["python train_stage.py ssr", *argv]),
-        "data": f"videos in {videos}" if videos else f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}",
+        "data": f"videos in {videos}" if videos else "procedural world clips (stages/world.py)" if arguments.world
+        else f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}",
         "config": asdict(config),
         "init": arguments.init or "",
         "wall_seconds_of_this_invocation": round(time.time() - started, 1),

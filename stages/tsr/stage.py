@@ -22,7 +22,7 @@ from stages.pixels import to_model_range, to_uint8
 from stages.tsr.flow import ClassicalFlowConfig
 from stages.tsr.interpolator import ClassicalFlowInterpolator, FrameInterpolator, interpolate_frames
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
-from stages.weights import dtype_from_name, load_or_init, shipped_weights_path
+from stages.weights import dtype_from_name, load_or_init
 
 SHIPPED_WEIGHTS = "weights/tsr/interpolator.safetensors"
 INTERPOLATORS = ("learned", "classical")
@@ -49,7 +49,7 @@ def make_interpolator(config: TsrStageConfig, warnings: list[str], device: str =
     if config.interpolator != "learned":
         raise ValueError(f"stages.tsr.interpolator must be one of {list(INTERPOLATORS)}, got {config.interpolator!r}")
     return load_or_init(
-        shipped_weights_path(config.interpolator_weights),
+        config.interpolator_weights,
         lambda weights: LearnedInterpolator.from_pretrained(weights, config.learned),
         lambda: LearnedInterpolator(config.learned),
         "the learned frame interpolator", "stages.tsr.interpolator_weights", warnings,

@@ -30,9 +30,10 @@ import torch
 
 from stages.pixels import to_model_range
 from stages.training import TrainingConfig, config_from_overrides, final_losses, train
-from stages.training_data import TRAINING_PHOTOS, clip_batch, video_files
+from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch, video_files
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.tsr.warp import backward_warp
+from stages.weights import load_into, read_state_dict
 
 CLIP_FRAMES = 7  # inputs at frames 0 and 6, truth at one of the five frames between
 WEIGHTS_NAME = "interpolator.safetensors"
@@ -47,6 +48,9 @@ class TsrTrainingConfig:
     crop_size: int = 128  # side of the training frames, in pixels
     max_motion: float = 4.0  # synthetic clips: pixels a point moves per frame step at most (6 steps per pair)
     warp_weight: float = 0.5  # weight of the warping-consistency loss against the reconstruction
+    # with --world: the tiny cascade's frames (128²), the 7 frames of a clip 1/6 of a world frame
+    # apart, so the inputs (frames 0 and 6) are two consecutive frames of a base clip
+    world: WorldSource = field(default_factory=lambda: WorldSource(frame_size=128, time_step=1 / 6))
 
 
 class Triplets(NamedTuple):
@@ -103,6 +107,8 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, TsrTrainingCon
     parser.add_argument("--out", type=Path, default=Path("runs/tsr"), help="run folder: checkpoint, log, weights")
     parser.add_argument("--steps", type=int, help="training steps (training.steps)")
     parser.add_argument("--videos", type=Path, help="train on crops of the videos in this folder instead of photos")
+    parser.add_argument("--world", action="store_true", help="train on the procedural world (stages/world.py) instead of photos")
+    parser.add_argument("--init", help="weights to start from (e.g. the shipped ones, to tune them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args(argv)
 
@@ -116,13 +122,13 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, TsrTrainingCon
     return arguments, config
 
 
-def training_batches(config: TsrTrainingConfig, videos: Optional[Path]):
+def training_batches(config: TsrTrainingConfig, videos: Optional[Path], world: bool = False):
     """batches(step) for `stages.training.train`: a function of the step and the seed alone."""
 
     def batches(step: int) -> Triplets:
         clips = clip_batch(
             step, config.training.seed, config.training.batch_size, CLIP_FRAMES, config.crop_size,
-            videos=videos, max_motion=config.max_motion,
+            videos=videos, max_motion=config.max_motion, world=config.world if world else None,
         )
         # A stream of its own (clip_batch seeds with [seed, step, split]): which frame, which direction.
         return make_triplets(clips, np.random.default_rng([config.training.seed, step, CLIP_FRAMES]))
@@ -137,11 +143,13 @@ def main(argv: list[str]) -> int:
         print(f"error: {error}")
         return 2
     model = LearnedInterpolator(config.interpolator)
+    if arguments.init:
+        load_into(model, read_state_dict(arguments.init), arguments.init)
     started = time.time()
     weights = train(
         model,
         lambda model, batch: interpolation_loss(model, batch, config.warp_weight),
-        training_batches(config, arguments.videos),
+        training_batches(config, arguments.videos, arguments.world),
         config.training,
         arguments.out,
         WEIGHTS_NAME,
@@ -149,8 +157,10 @@ def main(argv: list[str]) -> int:
     record = {
         "command": " ".join(["python train_stage.py tsr", *argv]),
         "data": f"videos in {arguments.videos}" if arguments.videos else
+        "procedural world clips (stages/world.py)" if arguments.world else
         f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}",
         "config": asdict(config),
+        "init": arguments.init or "",
         "parameters": sum(parameter.numel() for parameter in model.parameters()),
         "wall_seconds_of_this_invocation": round(time.time() - started, 1),
         "final_losses": final_losses(arguments.out),

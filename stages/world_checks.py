@@ -1,0 +1,90 @@
+"""Checks that the tiny cascade obeys its prompt, on the procedural world (stages/world.py).
+
+Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_world.py):
+
+- `check_base_clip`: the dominant object colour of a generated clip matches the prompt's colour
+  (by hue, nearest of the six world hues) and its centroid moves in the prompt's direction (the
+  nearest of the eight world directions to its motion, over at least `MIN_MOTION` of the frame);
+- `is_monotonic`: after frame interpolation the centroid still advances along the direction at
+  every frame, up to `MONOTONIC_TOLERANCE` pixels of jitter;
+- `high_frequency_energy`: the mean squared response of a Laplacian, to compare the spatial
+  super-resolution with bicubic upsampling of the same frames.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cascade.payload import Request
+from stages.world import DIRECTIONS, PromptCase, measure_clip, motion_direction
+
+MIN_MOTION = 0.06  # share of the frame side the object must move over the clip (the slow speed moves 0.19)
+MONOTONIC_TOLERANCE = 1.0  # pixels a centroid may step back along the direction between two frames
+
+
+class PromptCheck(NamedTuple):
+    case: PromptCase
+    colour: str  # measured
+    hue: float
+    direction: str  # measured
+    motion: float  # pixels
+
+    @property
+    def colour_matches(self) -> bool:
+        return self.colour == self.case.colour
+
+    @property
+    def direction_matches(self) -> bool:
+        return self.direction == self.case.direction
+
+    @property
+    def passed(self) -> bool:
+        return self.colour_matches and self.direction_matches
+
+
+def check_base_clip(frames: np.ndarray, case: PromptCase) -> PromptCheck:
+    """frames (T, H, W, 3) uint8 of a clip generated for `case.prompt`."""
+    measurement = measure_clip(frames)
+    direction, motion = motion_direction(measurement.centroids)
+    if motion < MIN_MOTION * frames.shape[2]:
+        direction = "none"
+    return PromptCheck(case, measurement.colour, measurement.hue, direction, motion)
+
+
+def progress_along(frames: np.ndarray, direction: str) -> np.ndarray:
+    """(T,) the dominant object's centroid projected on `direction`, in pixels (NaN where unseen)."""
+    centroids = measure_clip(frames).centroids
+    return centroids @ np.asarray(DIRECTIONS[direction][0])
+
+
+def is_monotonic(frames: np.ndarray, direction: str, tolerance: float = MONOTONIC_TOLERANCE) -> bool:
+    """Whether the object advances along `direction` at every frame (steps back at most `tolerance`)."""
+    progress = progress_along(frames, direction)
+    if np.isnan(progress).any():
+        return False
+    return bool((np.diff(progress) >= -tolerance).all())
+
+
+def high_frequency_energy(frames: np.ndarray) -> float:
+    """Mean squared 3x3 Laplacian of the luma of frames (T, H, W, 3) uint8, in levels²."""
+    luma = torch.from_numpy(frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    response = F.conv2d(luma[:, None], kernel)  # valid part only: no border effects
+    return float(response.square().mean())
+
+
+def request_for(case: PromptCase, seed: int, negative_prompt: str, height: int = 128, width: int = 128,
+                num_frames: int = 17, fps: float = 16.0) -> Request:
+    """The cascade request of a prompt case."""
+    return Request(case.prompt, negative_prompt, seed, height, width, num_frames, fps)
+
+
+def base_frames(base_stage, tsr_stage, request: Request) -> np.ndarray:
+    """The base stage's clip for `request`, decoded by the tsr stage's VAE: (T, H, W, 3) uint8."""
+    latents = base_stage(None, request).data
+    frames = tsr_stage.decode(torch.from_numpy(latents), lambda done: None)  # (T, 3, H, W)
+    return frames.permute(0, 2, 3, 1).numpy()

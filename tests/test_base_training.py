@@ -1,0 +1,154 @@
+"""Training of the tiny base-stage models on the procedural world: the VAE, the text encoder and the
+DiT train a few steps through their commands, write weights the stages load, and resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages.base.dit import WanDiT, WanDiTConfig
+from stages.base.dit_training import main as dit_main
+from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder
+from stages.base.text_encoder_training import _labels, main as text_encoder_main
+from stages.base.vae import WanVAE, WanVAEConfig
+from stages.base.vae_training import VaeTrainingConfig, main as vae_main, training_batches, vae_loss
+from stages.training import TrainingConfig, train
+from stages.world import COLOURS, DIRECTIONS, random_clip
+
+SMALL_VAE = ["vae.base_dim=4", "vae.dim_mult=[1,2,2,2]", "vae.num_res_blocks=1"]
+SMALL_TEXT = ["text_encoder.d_model=16", "text_encoder.d_ff=32", "text_encoder.num_heads=2", "text_encoder.d_kv=8",
+              "text_encoder.num_layers=1", "text_encoder.text_len=64"]
+FAST = ["training.log_every=1", "training.warmup_steps=1", "training.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def trained_vae_and_text_encoder(tmp_path_factory):
+    """A VAE and a text encoder trained 2 steps each by their commands."""
+    root = tmp_path_factory.mktemp("base_training")
+    assert vae_main(["--out", str(root / "vae"), "--steps", "2", *SMALL_VAE, *FAST, "training.batch_size=1",
+                     "crop_size=32", "clip_frames=5", "statistics_clips=2"]) == 0
+    assert text_encoder_main(["--out", str(root / "text"), "--steps", "2", *SMALL_TEXT, *FAST,
+                              "training.batch_size=4", "evaluation_captions=8"]) == 0
+    return root
+
+
+def test_the_vae_command_writes_weights_with_their_latent_statistics(trained_vae_and_text_encoder):
+    root = trained_vae_and_text_encoder
+    record = json.loads((root / "vae" / "training_record.json").read_text())
+    assert {"reconstruction", "kl"} <= record["final_losses"].keys()
+    config = WanVAEConfig(base_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    vae = WanVAE.from_pretrained(root / "vae" / "vae.safetensors", config)
+    assert vae.config.latents_mean == pytest.approx(record["latents_mean"])
+    assert vae.config.latents_std == pytest.approx(record["latents_std"])
+    # the stored statistics are those of the model's posterior means: normalised latents of
+    # fresh world clips have per-channel mean near 0 and std near 1
+    from stages.base.vae_training import measure_latent_statistics
+
+    training = VaeTrainingConfig(vae=config, statistics_clips=8)
+    training.training.seed = 1  # other clips than the ones the statistics came from
+    mean, std = measure_latent_statistics(vae, training)
+    normalised_mean = (np.array(mean) - record["latents_mean"]) / np.array(record["latents_std"])
+    assert np.abs(normalised_mean).max() < 1.0
+    assert np.all((np.array(std) / record["latents_std"] > 0.5) & (np.array(std) / record["latents_std"] < 2.0))
+
+
+def test_the_vae_training_path_is_the_frozen_path_with_gradients():
+    torch.manual_seed(0)
+    config = WanVAEConfig(base_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, z_dim=4,
+                          latents_mean=[0.5, -0.2, 0.1, 0.0], latents_std=[2.0, 1.0, 0.5, 1.5])
+    vae = WanVAE(config).eval()
+    frames = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    mu, _ = vae.posterior(frames)
+    mean, std = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1), torch.tensor(config.latents_std).view(1, -1, 1, 1, 1)
+    torch.testing.assert_close(vae.encode(frames), (mu.detach() - mean) / std)
+    decoded = torch.cat(list(vae.decode_chunks(mu)), dim=2)
+    torch.testing.assert_close(vae.decode(vae.encode(frames)), decoded.detach().clamp(-1, 1), atol=1e-5, rtol=0)
+    decoded.square().mean().backward()
+    assert all(parameter.grad is not None for parameter in vae.encoder.parameters())
+
+
+def test_vae_training_resumes_to_the_state_of_an_uninterrupted_run(tmp_path):
+    config = VaeTrainingConfig(vae=WanVAEConfig(base_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1),
+                               training=TrainingConfig(steps=3, batch_size=1, checkpoint_every=1, warmup_steps=1),
+                               crop_size=16, clip_frames=5)
+    batches = training_batches(config)
+
+    def loss(model, batch):
+        return vae_loss(model, batch, config.kl_weight)
+
+    def fresh():
+        torch.manual_seed(3)
+        return WanVAE(config.vae)
+
+    straight = fresh()
+    train(straight, loss, batches, config.training, tmp_path / "straight", "w.safetensors")
+
+    def interrupted(step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return batches(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), loss, interrupted, config.training, tmp_path / "resumed", "w.safetensors")
+    resumed = fresh()
+    train(resumed, loss, batches, config.training, tmp_path / "resumed", "w.safetensors")
+    for key, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_probe_labels_name_each_object_and_a_missing_second_one():
+    rng = np.random.default_rng(0)
+    one, two = random_clip(rng, 17, 0.0), random_clip(rng, 17, 1.0)
+    labels = _labels([one, two])
+    assert labels["colour"][0].tolist() == [list(COLOURS).index(one.objects[0].colour), len(COLOURS)]
+    assert labels["direction"][0, 1] == -100  # ignored: there is no second object
+    assert labels["direction"][1].tolist() == [list(DIRECTIONS).index(obj.direction) for obj in two.objects]
+
+
+def test_the_text_encoder_command_writes_weights_the_stage_loads(trained_vae_and_text_encoder):
+    root = trained_vae_and_text_encoder
+    record = json.loads((root / "text" / "training_record.json").read_text())
+    assert set(record["accuracy_held_out_phrasings"]) == {"colour", "shape", "direction", "speed"}
+    config = record["config"]["text_encoder"]
+    from dataclasses import replace
+
+    encoder_config = replace(TEXT_ENCODER_SIZES["tiny"], **{key: config[key] for key in
+                             ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "text_len")})
+    encoder = TextEncoder.from_pretrained(root / "text" / "text_encoder.safetensors", encoder_config)
+    trained = torch.load(root / "text" / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in encoder.model.state_dict().items():
+        assert torch.equal(value, trained[f"encoder.model.{key}"]), key
+    embeddings, lengths = encoder.encode(["a red circle moving to the right", "红色的圆向右移动"])
+    assert embeddings.shape == (2, 64, 16) and lengths.tolist() == [33, 25]
+
+
+def test_the_dit_command_trains_on_encoded_world_clips_and_reuses_them(trained_vae_and_text_encoder, tmp_path):
+    root = trained_vae_and_text_encoder
+    arguments = [
+        "--out", str(tmp_path / "dit"), "--steps", "2", *SMALL_VAE, *SMALL_TEXT, *FAST,
+        f"vae_weights={root / 'vae' / 'vae.safetensors'}",
+        f"text_encoder_weights={root / 'text' / 'text_encoder.safetensors'}",
+        "dit.dim=24", "dit.ffn_dim=48", "dit.num_heads=2", "dit.num_layers=1", "dit.text_dim=16", "dit.text_len=64",
+        "clips=3", "num_frames=5", "frame_size=32", "training.batch_size=2", "training.threads=1",
+    ]
+    assert dit_main(arguments) == 0
+    latents = torch.load(tmp_path / "dit" / "latents.pt", weights_only=True)
+    assert latents.shape == (3, 16, 2, 4, 4)
+    dit = WanDiT.from_pretrained(tmp_path / "dit" / "dit.safetensors", WanDiTConfig(
+        dim=24, ffn_dim=48, num_heads=2, num_layers=1, text_dim=16, text_len=64))
+    velocity = dit(latents[:1], torch.tensor([500.0]), torch.zeros(1, 64, 16))
+    assert velocity.shape == latents[:1].shape and torch.isfinite(velocity).all()
+    # a second invocation with more steps resumes and reuses the encoded clips
+    marker = (tmp_path / "dit" / "latents.pt").stat().st_mtime_ns
+    assert dit_main([*arguments[:3], "3", *arguments[4:]]) == 0
+    assert (tmp_path / "dit" / "latents.pt").stat().st_mtime_ns == marker
+    steps = [json.loads(line)["step"] for line in (tmp_path / "dit" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_the_commands_name_bad_values(capsys):
+    assert vae_main(["clip_frames=6"]) == 2
+    assert "clip_frames" in capsys.readouterr().out
+    assert dit_main(["dit.text_dim=32"]) == 2
+    assert "text_dim" in capsys.readouterr().out

@@ -1,0 +1,130 @@
+"""The procedural world: rendering against its own descriptions, captions, and reading clips back."""
+
+import colorsys
+
+import numpy as np
+import pytest
+
+from stages import world
+from stages.world_checks import check_base_clip, high_frequency_energy, is_monotonic
+
+FRAMES, SIZE = 17, 128
+
+
+def test_rendered_clips_read_back_as_described():
+    """Every colour with every direction: the measured colour and motion are the described ones."""
+    rng = np.random.default_rng(0)
+    for colour in world.COLOURS:
+        for direction in world.DIRECTIONS:
+            clip = world.clip_for(colour, str(rng.choice(list(world.SHAPES))), direction,
+                                  str(rng.choice(list(world.SPEEDS))), rng, FRAMES)
+            frames = world.render_clip(clip, FRAMES, SIZE)
+            measurement = world.measure_clip(frames)
+            assert measurement.colour == colour
+            assert world.motion_direction(measurement.centroids)[0] == direction
+            assert is_monotonic(frames, direction)
+
+
+def test_centroid_of_a_circle_is_its_centre_at_any_size():
+    """Closed form: a disc's centroid is its centre; positions are shares of the frame side."""
+    rng = np.random.default_rng(1)
+    clip = world.clip_for("blue", "circle", "down-right", "fast", rng, FRAMES)
+    obj = clip.objects[0]
+    for size in (64, 128, 256):
+        centroids = world.measure_clip(world.render_clip(clip, FRAMES, size)).centroids
+        expected = np.array([world.object_centre(obj, index) for index in range(FRAMES)]) * size
+        np.testing.assert_allclose(centroids, expected, atol=0.2)  # pixels: the mask is thresholded
+
+
+def test_objects_stay_inside_the_frame():
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        for obj in world.random_clip(rng, FRAMES, two_object_share=1.0).objects:
+            for frame in (0, FRAMES - 1):
+                x, y = world.object_centre(obj, frame)
+                assert obj.radius < x < 1 - obj.radius and obj.radius < y < 1 - obj.radius
+
+
+def test_hue_and_saturation_match_colorsys():
+    pixels = np.random.default_rng(3).integers(0, 256, (500, 3), dtype=np.uint8)
+    hue, saturation = world._hue_saturation(pixels)
+    for pixel, h, s in zip(pixels, hue, saturation):
+        expected_h, expected_s, _ = colorsys.rgb_to_hsv(*(pixel / 255.0))
+        assert s == pytest.approx(expected_s, abs=1e-5)
+        if expected_s > 1e-3:
+            assert (h - 360 * expected_h + 180) % 360 - 180 == pytest.approx(0, abs=1e-3)
+
+
+def test_backgrounds_are_not_read_as_objects():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        background = world._random_background(rng)
+        frames = world.render_clip(world.WorldClip((), background), 2, SIZE)
+        assert np.isnan(world.measure_clip(frames).centroids).all()
+
+
+def test_captions_name_the_attributes_in_both_languages():
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        clip = world.random_clip(rng, FRAMES, two_object_share=0.0)
+        obj = clip.objects[0]
+        for language, column in (("en", 0), ("zh", 1)):
+            for split in world.PHRASINGS:
+                text = world.caption(clip, rng, split, language)
+                assert any(word in text for word in world.COLOURS[obj.colour][1 + column])
+                assert any(word in text for word in world.SHAPES[obj.shape][column])
+                assert any(word in text for word in world.DIRECTIONS[obj.direction][1 + column])
+
+
+def test_two_object_captions_describe_both():
+    rng = np.random.default_rng(6)
+    clip = world.random_clip(rng, FRAMES, two_object_share=1.0)
+    assert len(clip.objects) == 2 and clip.objects[0].colour != clip.objects[1].colour
+    text = world.caption(clip, rng, "train", "en")
+    assert " and " in text
+    for obj in clip.objects:
+        assert any(word in text for word in world.COLOURS[obj.colour][1])
+
+
+def test_held_out_phrasings_are_new_and_the_held_out_prompts_cover_the_world():
+    for language in world.LANGUAGES:
+        assert not set(world.PHRASINGS["train"][language]) & set(world.PHRASINGS["held_out"][language])
+    cases = world.held_out_prompts()
+    assert len(cases) >= 40
+    assert sum(any("\u4e00" <= char <= "\u9fff" for char in case.prompt) for case in cases) == len(cases) // 2
+    assert {case.colour for case in cases} == set(world.COLOURS)
+    assert {case.direction for case in cases} == set(world.DIRECTIONS)
+    # no held-out prompt is a sentence the training captions can produce
+    rng = np.random.default_rng(8)
+    training_captions = {world.caption(world.random_clip(rng, FRAMES, 0.0), rng, "train") for _ in range(20000)}
+    assert not {case.prompt for case in cases} & training_captions
+
+
+def test_batches_are_a_function_of_step_and_seed():
+    first, clips = world.world_batch(3, 9, 4, 5, 32)
+    again, _ = world.world_batch(3, 9, 4, 5, 32)
+    other, _ = world.world_batch(4, 9, 4, 5, 32)
+    assert first.shape == (4, 5, 32, 32, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert clips == world.world_clips(3, 9, 4, 5)
+
+
+def test_check_of_a_clip_against_its_prompt():
+    rng = np.random.default_rng(9)
+    case = world.held_out_prompts()[0]
+    frames = world.render_clip(world.clip_for(case.colour, case.shape, case.direction, case.speed, rng, FRAMES),
+                               FRAMES, SIZE)
+    assert check_base_clip(frames, case).passed
+    wrong = case._replace(direction="left" if case.direction != "left" else "right")
+    assert not check_base_clip(frames, wrong).passed
+    still = np.repeat(frames[:1], FRAMES, axis=0)  # an object that does not move has no direction
+    assert check_base_clip(still, case).direction == "none"
+
+
+def test_high_frequency_energy_grows_with_detail():
+    rng = np.random.default_rng(10)
+    smooth = np.full((2, 32, 32, 3), 128, dtype=np.uint8)
+    noisy = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert high_frequency_energy(smooth) == 0.0
+    assert high_frequency_energy(noisy) > 1000.0
