@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-PROMPT ?= 一只红色的球在草地上向右滚动
+PROMPT ?= 一个红色的球向右滚动
 
 .PHONY: setup demo test bench clean
 

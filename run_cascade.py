@@ -1,6 +1,6 @@
 """Text prompt(s) in, full-resolution high-frame-rate video out.
 
-    python run_cascade.py --prompt "一只红色的球在草地上向右滚动"
+    python run_cascade.py --prompt "一个红色的球向右滚动"
     python run_cascade.py --config configs/wan2.1-t2v-1.3b.yaml checkpoint=/models/Wan2.1-T2V-1.3B \
         --prompt "a red ball rolling across the grass" stages.base.steps=30
     python run_cascade.py --prompts-file prompts.txt --address head-node:6379
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_PROMPT = "一只红色的球在草地上向右滚动"  # "a red ball rolls to the right across the grass"
+DEFAULT_PROMPT = "一个红色的球向右滚动"  # "a red ball rolls to the right"
 
 log = logging.getLogger("run_cascade")
 

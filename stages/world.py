@@ -262,16 +262,17 @@ def render_clip(clip: WorldClip, num_frames: int, size: int, time_step: float = 
 # Captions
 
 
-def _describe(obj: WorldObject, template: str, language: str, rng: np.random.Generator) -> str:
-    pick = lambda words: str(words[int(rng.integers(len(words)))])  # noqa: E731
+def _describe(obj: WorldObject, template: str, language: str, rng: np.random.Generator, mark: str = "") -> str:
+    """`template` filled with words for `obj`, each word between two `mark`s."""
+    pick = lambda words: mark + str(words[int(rng.integers(len(words)))]) + mark  # noqa: E731
     column = 0 if language == "en" else 1
     speed = SPEEDS[obj.speed]
     return template.format(
         c=pick(COLOURS[obj.colour][1 + column]),
         s=pick(SHAPES[obj.shape][column]),
         d=pick(DIRECTIONS[obj.direction][1 + column]),
-        a=speed[1],
-        v=speed[2] if language == "en" else speed[3],
+        a=mark + speed[1] + mark,
+        v=mark + (speed[2] if language == "en" else speed[3]) + mark,
     )
 
 
@@ -286,9 +287,11 @@ def caption(clip: WorldClip, rng: np.random.Generator, split: str = "train", lan
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}: expected one of {list(LANGUAGES)}")
     templates = PHRASINGS[split][language]
-    parts = [_describe(obj, templates[int(rng.integers(len(templates)))], language, rng) for obj in clip.objects]
+    made_up = rng.random() < made_up_share
+    parts = [_describe(obj, templates[int(rng.integers(len(templates)))], language, rng, SLOT if made_up else "")
+             for obj in clip.objects]
     text = TWO_OBJECT_JOINERS[language].join(parts)
-    return add_made_up_words(text, rng, language) if rng.random() < made_up_share else text
+    return add_made_up_words(text, rng, language) if made_up else text
 
 
 _ATTRIBUTE_WORDS = tuple(
@@ -315,15 +318,22 @@ def _made_up_word(rng: np.random.Generator, language: str) -> str:
                 return word
 
 
+SLOT = "\x1f"  # marks the ends of the attribute words in a caption being built
+
+
 def add_made_up_words(text: str, rng: np.random.Generator, language: str, max_words: int = 3) -> str:
-    """`text` with 1 to `max_words` made-up words put in: between words (English) or at either end
-    (Chinese, which has no spaces to respect). Training captions carry them so that the text
-    encoder learns to pick the attribute words out of sentences it has never seen."""
-    words = text.split(" ") if language == "en" else [text]
+    """`text` with 1 to `max_words` made-up words put in where they split no attribute word: at
+    its ends, beside the attribute words (marked by SLOT where `caption` built the text), and, in
+    English, between any two words. Training captions carry them so that the text encoder learns to
+    pick the attribute words out of sentences it has never seen."""
+    pieces = text.split(SLOT)  # attribute words at the odd positions
+    if language == "en":
+        pieces = [word for piece in pieces for word in piece.split(" ") if word]
+    else:
+        pieces = [piece for piece in pieces if piece]
     for _ in range(int(rng.integers(1, max_words + 1))):
-        words.insert(int(rng.integers(0, len(words) + 1)) if language == "en" else int(rng.integers(0, 2)) * len(words),
-                     _made_up_word(rng, language))
-    return (" " if language == "en" else "").join(words)
+        pieces.insert(int(rng.integers(0, len(pieces) + 1)), _made_up_word(rng, language))
+    return (" " if language == "en" else "").join(pieces)
 
 
 class PromptCase(NamedTuple):

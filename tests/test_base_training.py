@@ -152,3 +152,24 @@ def test_the_commands_name_bad_values(capsys):
     assert "clip_frames" in capsys.readouterr().out
     assert dit_main(["dit.text_dim=32"]) == 2
     assert "text_dim" in capsys.readouterr().out
+
+
+def test_the_reconstruction_weight_follows_hsv_saturation():
+    import colorsys
+
+    from stages.base.vae_training import saturation
+
+    pixels = torch.rand(1, 3, 1, 4, 5)
+    ours = saturation(pixels * 2 - 1)[0, 0, 0]
+    for row in range(4):
+        for column in range(5):
+            expected = colorsys.rgb_to_hsv(*pixels[0, :, 0, row, column].tolist())[1]
+            assert ours[row, column].item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_commands_name_missing_weights(tmp_path, capsys):
+    missing = str(tmp_path / "nothing.safetensors")
+    assert vae_main(["--out", str(tmp_path / "vae"), "--init", missing]) == 2
+    assert "nothing.safetensors" in capsys.readouterr().out
+    assert dit_main(["--out", str(tmp_path / "dit"), f"vae_weights={missing}", "clips=1"]) == 2
+    assert "nothing.safetensors" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import run_cascade
 from cascade.video import read_video
 from tests.conftest import FAST, run_cli
 
-PROMPT = "一只红色的球在草地上向右滚动"
+PROMPT = "一个红色的球向右滚动"
 
 
 def run_folders(out: Path) -> list[Path]:
@@ -39,6 +39,15 @@ def check_run_folder(folder: Path) -> dict:
     return manifest
 
 
+def test_random_weights_are_named_in_the_manifest(tmp_path, ray_cluster):
+    result = run_cli("--out", str(tmp_path), "--seed", "5", "--address", ray_cluster.address, *FAST,
+                     "stages.tsr.vae_weights=''")
+    assert result.returncode == 0, result.stderr[-3000:]
+    [folder] = run_folders(tmp_path)
+    warnings = json.loads((folder / "manifest.json").read_text())["warnings"]
+    assert any("RANDOM" in warning and "stages.tsr.vae_weights" in warning for warning in warnings)
+
+
 def test_default_tiny_cascade_end_to_end(tmp_path):
     """The user's first command: local Ray, the default tiny config, all files."""
     result = run_cli("--prompt", PROMPT, "--out", str(tmp_path), "--seed", "5")
@@ -53,7 +62,9 @@ def test_default_tiny_cascade_end_to_end(tmp_path):
         record = manifest["stages"][stage]
         assert record["wall_time_s"] > 0 and record["device"].startswith("cpu") and record["output_fps"] > 0
     assert {"torch", "ray", "python", "av"} <= set(manifest["software"])
-    assert any("RANDOM" in warning for warning in manifest["warnings"])
+    # the tiny DiT is random until its trained weights ship; every other tiny model is trained
+    assert [warning for warning in manifest["warnings"] if "RANDOM" in warning] == [
+        warning for warning in manifest["warnings"] if "stages.base.dit_weights" in warning] != []
     # each preview is written when its stage finishes: the base preview exists before ssr is done
     base_preview = (folder / "previews" / "base.gif").stat().st_mtime
     assert base_preview < manifest["stages"]["ssr"]["finished_at"]

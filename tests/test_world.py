@@ -128,3 +128,19 @@ def test_high_frequency_energy_grows_with_detail():
     noisy = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert high_frequency_energy(smooth) == 0.0
     assert high_frequency_energy(noisy) > 1000.0
+
+
+def test_made_up_words_leave_the_attribute_words_whole():
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        clip = world.random_clip(rng, FRAMES, two_object_share=0.0)
+        obj = clip.objects[0]
+        for language, column in (("en", 0), ("zh", 1)):
+            plain_rng, noisy_rng = np.random.default_rng(1), np.random.default_rng(1)
+            plain = world.caption(clip, plain_rng, "train", language)
+            noisy = world.caption(clip, noisy_rng, "train", language, made_up_share=1.0)
+            assert world.SLOT not in noisy and len(noisy) > len(plain)
+            assert any(word in noisy for word in world.COLOURS[obj.colour][1 + column])
+            assert any(word in noisy for word in world.SHAPES[obj.shape][column])
+            if language == "zh":  # Chinese direction phrases have no spaces: they stay whole
+                assert any(word in noisy for word in world.DIRECTIONS[obj.direction][2])

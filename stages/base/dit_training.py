@@ -135,6 +135,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/dit"), help="run folder (default runs/dit)")
     parser.add_argument("--steps", type=int, help="training steps (training.steps)")
+    parser.add_argument("--init", help="DiT weights to start from (e.g. the shipped ones, to train them further)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args(argv)
     try:
@@ -144,17 +145,22 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}")
         return 2
-    arguments.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    latents = encode_world(config, arguments.out)
-    text_encoder = TextEncoder.from_pretrained(shipped_weights_path(config.text_encoder_weights), config.text_encoder)
-    dit = WanDiT(config.dit)
+    try:  # WeightsError (a ValueError) names a missing, corrupt or mis-shaped file
+        text_encoder = TextEncoder.from_pretrained(shipped_weights_path(config.text_encoder_weights), config.text_encoder)
+        dit = WanDiT.from_pretrained(arguments.init, config.dit) if arguments.init else WanDiT(config.dit)
+        arguments.out.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        latents = encode_world(config, arguments.out)
+    except ValueError as error:
+        print(f"error: {error}")
+        return 2
     weights = train(dit, flow_matching_loss, training_batches(config, latents, text_encoder), config.training,
                     arguments.out, WEIGHTS_NAME)
     record = {
         "command": " ".join(["python train_stage.py dit", *argv]),
         "data": f"{config.clips} procedural world clips (stages/world.py), captions in the train phrasings",
         "config": asdict(config),
+        "init": arguments.init or "",
         "parameters": sum(parameter.numel() for parameter in dit.parameters()),
         "wall_seconds_of_this_invocation": round(time.time() - started, 1),
         "final_losses": final_losses(arguments.out),
