@@ -40,7 +40,7 @@ from stages.pixels import to_model_range, to_uint8  # noqa: E402
 from stages.training_data import HELD_OUT_PHOTOS, load_photo, synthetic_clip  # noqa: E402
 from stages.tsr.interpolator import ClassicalFlowInterpolator  # noqa: E402
 from stages.tsr.learned import LearnedInterpolator  # noqa: E402
-from stages.tsr.training import RECORD_NAME  # noqa: E402
+from stages.training import RECORD_NAME  # noqa: E402
 
 SIZE = 256
 MAX_MOTION = 8.0  # pixels per frame step

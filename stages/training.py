@@ -168,6 +168,14 @@ def config_from_overrides(schema: type, overrides: list[str], settings: dict[str
         raise ValueError(str(error).splitlines()[0]) from None
 
 
+RECORD_NAME = "training_record.json"  # what a run was: command, config, data, time, final losses
+
+
+def write_record(out_dir: Path, record: dict[str, Any]) -> None:
+    """Writes a run's record as `OUT/training_record.json`, atomically."""
+    _write_atomic(Path(out_dir) / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode())
+
+
 def final_losses(out_dir: Path, last: int = 5) -> dict[str, float]:
     """The mean of the last `last` logged values of each loss of a run."""
     records = [json.loads(line) for line in (Path(out_dir) / LOG_NAME).read_text().splitlines() if line.strip()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -33,14 +32,13 @@ from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
 from stages.weights import shipped_weights_path
 from stages.world import caption, world_batch, world_clips
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "dit.safetensors"
-RECORD_NAME = "training_record.json"
 LATENTS_NAME = "latents.pt"
 TRAINING_TIMESTEPS = 1000  # the DiT's timestep is 1000·σ
 ENCODE_BATCH = 8
@@ -166,6 +164,6 @@ def main(argv: list[str]) -> int:
         "final_losses": final_losses(arguments.out),
         "weights": str(weights),
     }
-    (arguments.out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(arguments.out, record)
     print(f"wrote {weights}")
     return 0

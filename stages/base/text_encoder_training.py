@@ -29,12 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig, clean_prompt
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
 from stages.weights import write_safetensors
 from stages.world import COLOURS, DIRECTIONS, SHAPES, SPEEDS, caption, random_clip
 
 WEIGHTS_NAME = "text_encoder.safetensors"
-RECORD_NAME = "training_record.json"
 OBJECT_SLOTS = 2
 ATTRIBUTES = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS), "speed": list(SPEEDS)}
 
@@ -158,7 +157,7 @@ def main(argv: list[str]) -> int:
         "accuracy_held_out_phrasings": attribute_accuracy(model, config, "held_out"),
         "weights": str(weights),
     }
-    (arguments.out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(arguments.out, record)
     print(json.dumps({key: record[key] for key in ("accuracy_train_phrasings", "accuracy_held_out_phrasings")}))
     print(f"wrote {weights}")
     return 0

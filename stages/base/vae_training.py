@@ -24,7 +24,6 @@ so latents are normalised per channel as Wan's are.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,12 +34,11 @@ from torch import nn
 
 from stages.base.vae import WAN_VAE_SIZES, AttentionBlock, ResidualBlock, WanVAE, WanVAEConfig, latent_statistics_metadata
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
 from stages.weights import write_safetensors
 from stages.world import object_centre, world_batch
 
 WEIGHTS_NAME = "vae.safetensors"
-RECORD_NAME = "training_record.json"
 INITIAL_LOG_VARIANCE = -6.0  # posterior std e^-3 ≈ 0.05 at the start of training
 INITIAL_BIAS_STD = 0.5  # of the first convolution's bias, as large as its output from frames in [-1, 1]
 
@@ -197,6 +195,6 @@ def main(argv: list[str]) -> int:
         "latents_std": std,
         "weights": str(weights),
     }
-    (arguments.out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(arguments.out, record)
     print(f"wrote {weights}")
     return 0

@@ -20,7 +20,6 @@ Losses:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +32,11 @@ from omegaconf import OmegaConf
 from stages.pixels import to_model_range
 from stages.ssr.upsampler import SUPPORTED_SCALES, WaveletUpsampler, WaveletUpsamplerConfig
 from stages.ssr.wavelet import LOW_BAND_GAIN, dwt2
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
 from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch
 from stages.weights import load_into, read_state_dict
 
 BAND_NAMES = ("LH", "HL", "HH")
-RECORD_NAME = "training_record.json"  # what a run was: command, config, data, time, final losses
 CONFIG_NAME = "config.yaml"
 
 
@@ -232,5 +230,5 @@ def main(argv: list[str]) -> int:
         "final_losses": final_losses(out_dir),
         "weights": str(weights),
     }
-    (out_dir / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(out_dir, record)
     return 0

@@ -19,7 +19,6 @@ The loss:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train
+from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
 from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch, video_files
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.tsr.warp import backward_warp
@@ -37,7 +36,6 @@ from stages.weights import load_into, read_state_dict
 
 CLIP_FRAMES = 7  # inputs at frames 0 and 6, truth at one of the five frames between
 WEIGHTS_NAME = "interpolator.safetensors"
-RECORD_NAME = "training_record.json"  # what a run was: command, config, data, time, final losses
 CHARBONNIER_EPSILON = 1e-3
 
 
@@ -166,6 +164,6 @@ def main(argv: list[str]) -> int:
         "final_losses": final_losses(arguments.out),
         "weights": str(weights),
     }
-    (arguments.out / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(arguments.out, record)
     print(f"wrote {weights}")
     return 0
