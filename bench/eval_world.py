@@ -30,18 +30,16 @@ sys.path.insert(0, str(REPOSITORY_ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from cascade.config import load_config  # noqa: E402
 from cascade.outputs import write_atomic  # noqa: E402
-from cascade.payload import Clip  # noqa: E402
 from stages.base.stage import BaseStage  # noqa: E402
 from stages.ssr.stage import SsrStage  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
 from stages.pixels import to_model_range  # noqa: E402
 from stages.world import clip_for, held_out_prompts, render_clip  # noqa: E402
 from stages.world_checks import (  # noqa: E402
-    base_frames, check_base_clip, high_frequency_energy, is_monotonic, request_for,
+    base_frames, check_base_clip, detail_over_bicubic, interpolated_frames, is_monotonic, request_for,
 )
 
 SEED = 1234  # the tests use the same seeds
@@ -94,21 +92,16 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
         request = request_for(case, SEED + index, config.stages.base.negative_prompt, video.height, video.width,
                               video.num_frames, video.fps)
         started = time.perf_counter()
-        frames = base_frames(base, tsr, request)
+        latents, frames = base_frames(base, tsr, request)
         seconds.append(time.perf_counter() - started)
         check = check_base_clip(frames, case)
         rows.append(check)
         print(f"{'ok ' if check.passed else 'BAD'} {case.prompt!r}: {check.colour} {check.direction} "
               f"({check.motion:.0f} px)", flush=True)
         if check.passed and len(monotonic) < later_stages:
-            interpolated = tsr(base(None, request), request).data[0].transpose(1, 2, 3, 0)
-            monotonic.append(is_monotonic(interpolated, case.direction))
+            monotonic.append(is_monotonic(interpolated_frames(tsr, latents, request), case.direction))
         if len(energy_ratios) < later_stages:
-            clip = Clip(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)[None]), "pixel", video.fps, request)
-            upsampled = ssr(clip, request).data[0].transpose(1, 2, 3, 0)
-            size = (upsampled.shape[2], upsampled.shape[1])
-            bicubic = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC)) for frame in frames])
-            energy_ratios.append(high_frequency_energy(upsampled) / max(high_frequency_energy(bicubic), 1e-9))
+            energy_ratios.append(detail_over_bicubic(ssr, frames, request))
     base_config = config.stages.base
     return [
         "## The cascade",

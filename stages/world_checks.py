@@ -7,8 +7,10 @@ Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_w
   nearest of the eight world directions to its motion, over at least `MIN_MOTION` of the frame);
 - `is_monotonic`: after frame interpolation the centroid still advances along the direction at
   every frame, up to `MONOTONIC_TOLERANCE` pixels of jitter;
-- `high_frequency_energy`: the mean squared response of a Laplacian, to compare the spatial
-  super-resolution with bicubic upsampling of the same frames.
+- `detail_over_bicubic`: the high-frequency energy (mean squared Laplacian of the luma) of the
+  spatial super-resolution over that of bicubic upsampling of the same frames.
+
+`base_frames`, `interpolated_frames` and `detail_over_bicubic` run the stages on one request.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from cascade.payload import Request
+from cascade.payload import Clip, Request
 from stages.world import DIRECTIONS, PromptCase, measure_clip, motion_direction
 
 MIN_MOTION = 0.06  # share of the frame side the object must move over the clip (the slow speed moves 0.19)
@@ -83,8 +86,24 @@ def request_for(case: PromptCase, seed: int, negative_prompt: str, height: int =
     return Request(case.prompt, negative_prompt, seed, height, width, num_frames, fps)
 
 
-def base_frames(base_stage, tsr_stage, request: Request) -> np.ndarray:
-    """The base stage's clip for `request`, decoded by the tsr stage's VAE: (T, H, W, 3) uint8."""
-    latents = base_stage(None, request).data
-    frames = tsr_stage.decode(torch.from_numpy(latents), lambda done: None)  # (T, 3, H, W)
-    return frames.permute(0, 2, 3, 1).numpy()
+def base_frames(base_stage, tsr_stage, request: Request) -> tuple[Clip, np.ndarray]:
+    """The base stage's latents for `request` and their clip decoded by the tsr stage's VAE:
+    (T, H, W, 3) uint8, the frames the base stage meant before any interpolation."""
+    latents = base_stage(None, request)
+    frames = tsr_stage.decode(torch.from_numpy(latents.data), lambda done: None)  # (T, 3, H, W)
+    return latents, frames.permute(0, 2, 3, 1).numpy()
+
+
+def interpolated_frames(tsr_stage, latents: Clip, request: Request) -> np.ndarray:
+    """The tsr stage's output for the base stage's `latents`: (T·factor-ish, H, W, 3) uint8."""
+    return tsr_stage(latents, request).data[0].transpose(1, 2, 3, 0)
+
+
+def detail_over_bicubic(ssr_stage, frames: np.ndarray, request: Request) -> float:
+    """High-frequency energy of the ssr stage's upsampling of `frames` (T, H, W, 3) uint8, divided by
+    that of bicubic upsampling of the same frames to the same size (above 1: more detail)."""
+    clip = Clip(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)[None]), "pixel", request.fps, request)
+    upsampled = ssr_stage(clip, request).data[0].transpose(1, 2, 3, 0)  # (T, sH, sW, 3)
+    size = (upsampled.shape[2], upsampled.shape[1])
+    bicubic = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC)) for frame in frames])
+    return high_frequency_energy(upsampled) / max(high_frequency_energy(bicubic), 1e-9)
