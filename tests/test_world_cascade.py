@@ -1,0 +1,83 @@
+"""The embedded tiny cascade obeys its prompt: its shipped weights, on held-out prompts of the
+procedural world (stages/world.py), read back by stages/world_checks.py.
+
+The references are independent of the models: the colour is read from the pixels' hue, the motion
+from the dominant object's centroid, the detail from a Laplacian compared with bicubic upsampling.
+The prompts are in phrasings no model saw in training, half of them Chinese, each with its own
+seed. bench/eval_world.py runs the same checks and records the rates in docs/eval_world.md.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cascade.config import load_config
+from stages.base.stage import BaseStage
+from stages.ssr.stage import SsrStage
+from stages.tsr.stage import TsrStage
+from stages.world import held_out_prompts
+from stages.world_checks import (
+    base_frames, check_base_clip, detail_over_bicubic, interpolated_frames, is_monotonic, request_for,
+)
+
+PROMPTS = 48
+SEED = 1234  # + the prompt's index; the seeds bench/eval_world.py uses
+REQUIRED_PASS_RATE = 0.9
+MONOTONIC_CLIPS = 8
+DETAIL_CLIPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The default config's three stages, as `python run_cascade.py` loads them."""
+    config = load_config(None, [])
+    if not config.stages.base.dit_weights:
+        pytest.skip("configs/tiny.yaml has no trained DiT yet (stages.base.dit_weights is empty): "
+                    "its clips are noise, so there is no prompt to obey; see docs/eval_world.md")
+    stages = BaseStage(config.stages.base), TsrStage(config.stages.tsr), SsrStage(config.stages.ssr)
+    assert not any(stage.warnings for stage in stages), [stage.warnings for stage in stages]
+    return config, stages
+
+
+@pytest.fixture(scope="module")
+def generated(tiny):
+    """(case, request, base latents, decoded base frames, check) of every held-out prompt."""
+    config, (base, tsr, _) = tiny
+    video = config.video
+    results = []
+    for index, case in enumerate(held_out_prompts(PROMPTS)):
+        request = request_for(case, SEED + index, config.stages.base.negative_prompt, video.height, video.width,
+                              video.num_frames, video.fps)
+        latents, frames = base_frames(base, tsr, request)
+        results.append((case, request, latents, frames, check_base_clip(frames, case)))
+    return results
+
+
+def test_held_out_prompts_are_many_and_partly_chinese(generated):
+    prompts = [case.prompt for case, *_ in generated]
+    assert len(set(prompts)) >= 40
+    assert sum(any("\u4e00" <= char <= "\u9fff" for char in prompt) for prompt in prompts) >= len(prompts) // 3
+
+
+def test_base_clips_have_the_prompted_colour_and_direction(generated):
+    checks = [check for *_, check in generated]
+    passed = sum(check.passed for check in checks)
+    failures = [f"{check.case.prompt!r}: wanted {check.case.colour} {check.case.direction}, "
+                f"got {check.colour} {check.direction} ({check.motion:.0f} px)" for check in checks if not check.passed]
+    assert passed >= REQUIRED_PASS_RATE * len(checks), f"{passed}/{len(checks)} obeyed; failures:\n" + "\n".join(failures)
+
+
+def test_interpolated_clips_keep_the_motion_monotonic(tiny, generated):
+    _, (_, tsr, _) = tiny
+    obeyed = [(case, request, latents) for case, request, latents, _, check in generated if check.passed]
+    assert len(obeyed) >= MONOTONIC_CLIPS
+    for case, request, latents in obeyed[:MONOTONIC_CLIPS]:
+        frames = interpolated_frames(tsr, latents, request)
+        assert frames.shape[0] > latents.request.num_frames  # more frames than the base clip
+        assert is_monotonic(frames, case.direction), case.prompt
+
+
+def test_super_resolved_clips_have_more_detail_than_bicubic(tiny, generated):
+    _, (_, _, ssr) = tiny
+    for case, request, _, frames, _ in generated[:DETAIL_CLIPS]:
+        assert detail_over_bicubic(ssr, frames, request) > 1.0, case.prompt
