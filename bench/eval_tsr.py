@@ -38,7 +38,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 
 from stages.pixels import to_model_range, to_uint8  # noqa: E402
 from stages.training_data import HELD_OUT_PHOTOS, load_photo, synthetic_clip  # noqa: E402
-from stages.tsr.interpolator import ClassicalFlowInterpolator  # noqa: E402
+from stages.tsr.interpolator import ClassicalFlowInterpolator, blend_linearly  # noqa: E402
 from stages.tsr.learned import LearnedInterpolator  # noqa: E402
 from stages.training import RECORD_NAME  # noqa: E402
 
@@ -59,10 +59,6 @@ Interpolator = Callable[[torch.Tensor, torch.Tensor, list[float]], torch.Tensor]
 
 def repeat_nearest(frame0: torch.Tensor, frame1: torch.Tensor, times: list[float]) -> torch.Tensor:
     return torch.stack([frame0 if t <= 0.5 else frame1 for t in times])
-
-
-def blend_linearly(frame0: torch.Tensor, frame1: torch.Tensor, times: list[float]) -> torch.Tensor:
-    return torch.stack([(1 - t) * frame0 + t * frame1 for t in times])
 
 
 def held_out_clips(num_frames: int) -> np.ndarray:

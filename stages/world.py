@@ -395,13 +395,18 @@ def _nearest_colour(hue: float) -> str:
     return min(COLOURS, key=lambda name: abs((hue - COLOURS[name][0] + 180.0) % 360.0 - 180.0))
 
 
+def object_pixels(frames: np.ndarray) -> np.ndarray:
+    """frames (..., 3) uint8 -> (...) bool: the pixels saturated enough to belong to an object."""
+    return _hue_saturation(frames)[1] > OBJECT_SATURATION_THRESHOLD
+
+
 def measure_clip(frames: np.ndarray) -> ClipMeasurement:
     """frames (T, H, W, 3) uint8 -> the dominant saturated colour and its centroid in every frame.
 
     The dominant colour is the palette colour with most saturated pixels over the clip; its mean hue
     is the circular mean of those pixels' hues; the centroids are of the pixels of that colour."""
-    hue, saturation = _hue_saturation(frames)
-    saturated = saturation > OBJECT_SATURATION_THRESHOLD
+    hue, _ = _hue_saturation(frames)
+    saturated = object_pixels(frames)
     palette = np.array([COLOURS[name][0] for name in COLOURS])
     distance = np.abs((hue[..., None] - palette + 180.0) % 360.0 - 180.0)  # (T, H, W, colours)
     nearest = distance.argmin(-1)

@@ -10,7 +10,8 @@ Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_w
 - `detail_over_bicubic`: the high-frequency energy (mean squared Laplacian of the luma) of the
   spatial super-resolution over that of bicubic upsampling of the same frames.
 
-`base_frames`, `interpolated_frames` and `detail_over_bicubic` run the stages on one request.
+`base_frames`, `interpolated_frames`, `super_resolved_frames` and `detail_over_bicubic` run the
+stages on one request.
 """
 
 from __future__ import annotations
@@ -99,11 +100,21 @@ def interpolated_frames(tsr_stage, latents: Clip, request: Request) -> np.ndarra
     return tsr_stage(latents, request).data[0].transpose(1, 2, 3, 0)
 
 
+def super_resolved_frames(ssr_stage, frames: np.ndarray, request: Request) -> np.ndarray:
+    """The ssr stage's output for frames (T, H, W, 3) uint8: (T, sH, sW, 3) uint8."""
+    clip = Clip(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)[None]), "pixel", request.fps, request)
+    return ssr_stage(clip, request).data[0].transpose(1, 2, 3, 0)
+
+
+def bicubic_upsample(frames: np.ndarray, scale: int) -> np.ndarray:
+    """frames (T, H, W, 3) uint8 -> (T, sH, sW, 3) uint8 by Pillow's bicubic resize."""
+    size = (frames.shape[2] * scale, frames.shape[1] * scale)
+    return np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC)) for frame in frames])
+
+
 def detail_over_bicubic(ssr_stage, frames: np.ndarray, request: Request) -> float:
     """High-frequency energy of the ssr stage's upsampling of `frames` (T, H, W, 3) uint8, divided by
     that of bicubic upsampling of the same frames to the same size (above 1: more detail)."""
-    clip = Clip(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)[None]), "pixel", request.fps, request)
-    upsampled = ssr_stage(clip, request).data[0].transpose(1, 2, 3, 0)  # (T, sH, sW, 3)
-    size = (upsampled.shape[2], upsampled.shape[1])
-    bicubic = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC)) for frame in frames])
+    upsampled = super_resolved_frames(ssr_stage, frames, request)
+    bicubic = bicubic_upsample(frames, upsampled.shape[1] // frames.shape[1])
     return high_frequency_energy(upsampled) / max(high_frequency_energy(bicubic), 1e-9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.base.dit import WanDiT, WanDiTConfig
-from stages.base.dit_training import main as dit_main
+from stages.base.dit_training import FlowBatch, flow_matching_loss, latent_object_masks, main as dit_main
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder
 from stages.base.text_encoder_training import _labels, main as text_encoder_main
 from stages.base.vae import WanVAE, WanVAEConfig
@@ -133,8 +133,9 @@ def test_the_dit_command_trains_on_encoded_world_clips_and_reuses_them(trained_v
         "clips=3", "num_frames=5", "frame_size=32", "training.batch_size=2", "training.threads=1",
     ]
     assert dit_main(arguments) == 0
-    latents = torch.load(tmp_path / "dit" / "latents.pt", weights_only=True)
-    assert latents.shape == (3, 16, 2, 4, 4)
+    cached = torch.load(tmp_path / "dit" / "latents.pt", weights_only=True)
+    latents = cached["latents"]
+    assert latents.shape == (3, 16, 2, 4, 4) and cached["object_masks"].shape == (3, 1, 2, 4, 4)
     dit = WanDiT.from_pretrained(tmp_path / "dit" / "dit.safetensors", WanDiTConfig(
         dim=24, ffn_dim=48, num_heads=2, num_layers=1, text_dim=16, text_len=64))
     velocity = dit(latents[:1], torch.tensor([500.0]), torch.zeros(1, 64, 16))
@@ -145,6 +146,35 @@ def test_the_dit_command_trains_on_encoded_world_clips_and_reuses_them(trained_v
     assert (tmp_path / "dit" / "latents.pt").stat().st_mtime_ns == marker
     steps = [json.loads(line)["step"] for line in (tmp_path / "dit" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_latent_object_masks_cover_the_object_on_the_causal_latent_grid():
+    frames = np.full((2, 9, 64, 64, 3), 128, dtype=np.uint8)  # grey: no object
+    frames[0, 0, 10:14, 40:44] = (255, 0, 0)  # frame 0 -> latent frame 0, latent pixel (1, 5)
+    frames[0, 6, 50:52, 3:5] = (0, 0, 255)  # frame 6 -> latent frame 2 (frames 5-8), latent pixel (6, 0)
+    frames[1, 1:9, 32:36, 32:36] = (0, 200, 0)  # frames 1-8 -> latent frames 1 and 2, pixel (4, 4)
+    masks = latent_object_masks(frames)
+    assert masks.shape == (2, 1, 3, 8, 8) and masks.dtype == torch.bool
+    expected = torch.zeros(2, 3, 8, 8, dtype=torch.bool)
+    for clip, latent_frame, row, column in [(0, 0, 1, 5), (0, 2, 6, 0), (1, 1, 4, 4), (1, 2, 4, 4)]:
+        expected[clip, latent_frame, max(row - 1, 0) : row + 2, max(column - 1, 0) : column + 2] = True
+    assert torch.equal(masks[:, 0], expected)
+
+
+def test_the_flow_matching_loss_is_the_weighted_mean_of_squared_errors():
+    class Constant(torch.nn.Module):  # a "DiT" whose velocity is 0: the error is the target itself
+        def forward(self, noisy, timesteps, text):
+            return torch.zeros_like(noisy)
+
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 2, 4, 4, generator=generator), torch.randn(2, 16, 2, 4, 4, generator=generator)
+    weights = torch.ones(2, 1, 2, 4, 4)
+    weights[1, :, 1, 2:, :] = 10.0
+    loss, _ = flow_matching_loss(Constant(), FlowBatch(x0, torch.zeros(2, 8, 4), torch.tensor([0.3, 0.8]), noise, weights))
+    squared = (noise - x0).square()
+    expected = sum(float(weights[b, 0, t, i, j]) * float(squared[b, c, t, i, j])
+                   for b, c, t, i, j in np.ndindex(*squared.shape)) / (16 * float(weights.sum()))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_the_commands_name_bad_values(capsys):

@@ -69,9 +69,13 @@ def test_base_clips_have_the_prompted_colour_and_direction(generated):
 
 def test_interpolated_clips_keep_the_motion_monotonic(tiny, generated):
     _, (_, tsr, _) = tiny
-    obeyed = [(case, request, latents) for case, request, latents, _, check in generated if check.passed]
-    assert len(obeyed) >= MONOTONIC_CLIPS
-    for case, request, latents in obeyed[:MONOTONIC_CLIPS]:
+    """Interpolation keeps the motion it is given: where a base clip obeys and its object advances
+    at every frame, the tsr output's object does too (a base clip that steps back is the base
+    stage's fault, counted in bench/eval_world.py)."""
+    monotonic = [(case, request, latents) for case, request, latents, frames, check in generated
+                 if check.passed and is_monotonic(frames, case.direction)]
+    assert len(monotonic) >= MONOTONIC_CLIPS
+    for case, request, latents in monotonic[:MONOTONIC_CLIPS]:
         frames = interpolated_frames(tsr, latents, request)
         assert frames.shape[0] > latents.request.num_frames  # more frames than the base clip
         assert is_monotonic(frames, case.direction), case.prompt

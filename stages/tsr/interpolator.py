@@ -117,6 +117,12 @@ class ClassicalFlowInterpolator:
         return interpolate_with_flows(frame0, frame1, flows[:batch], flows[batch:], times)
 
 
+def blend_linearly(frame0: torch.Tensor, frame1: torch.Tensor, times: list[float]) -> torch.Tensor:
+    """The baseline a flow-based interpolator must beat: (1 − t)·frame0 + t·frame1 for each t,
+    (len(times), B, C, H, W)."""
+    return torch.stack([(1 - t) * frame0 + t * frame1 for t in times])
+
+
 def interpolate_frames(
     frames: torch.Tensor,
     factor: int,
