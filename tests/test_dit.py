@@ -150,10 +150,12 @@ def run(model: WanDiT, inputs) -> torch.Tensor:
         return model(*inputs)
 
 
-def test_loads_diffusers_layout_with_parity(case):
+def test_loads_diffusers_layout_with_parity(case, record_property):
     model = WanDiT.from_pretrained(case["folder"] / "transformer")
     assert model.config.text_len == TEXT_LEN and model.config.eps == case["sizes"]["eps"]
-    assert relative_error(run(model, case["inputs"]), case["expected"]) < PARITY_TOLERANCE
+    error = relative_error(run(model, case["inputs"]), case["expected"])
+    record_property("relative_error", error)  # collected by bench/parity_report.py
+    assert error < PARITY_TOLERANCE
 
 
 def test_loads_diffusers_pipeline_folder(case):
@@ -162,11 +164,13 @@ def test_loads_diffusers_pipeline_folder(case):
     assert relative_error(run(model, case["inputs"]), case["expected"]) < PARITY_TOLERANCE
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_loads_official_layout_with_parity(case, tmp_path, shards):
+@pytest.mark.parametrize("shards", [1, 2], ids=["one-file", "two-shards"])
+def test_loads_official_layout_with_parity(case, tmp_path, shards, record_property):
     folder = write_official(tmp_path / "official", case["sizes"], case["official"], shards)
     model = WanDiT.from_pretrained(folder)
-    assert relative_error(run(model, case["inputs"]), case["expected"]) < PARITY_TOLERANCE
+    error = relative_error(run(model, case["inputs"]), case["expected"])
+    record_property("relative_error", error)
+    assert error < PARITY_TOLERANCE
     if shards == 2:  # the index file itself, with the config beside it
         model = WanDiT.from_pretrained(folder / "diffusion_pytorch_model.safetensors.index.json")
         assert relative_error(run(model, case["inputs"]), case["expected"]) < PARITY_TOLERANCE

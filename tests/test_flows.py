@@ -125,7 +125,8 @@ def _diffusers_trajectory(scheduler, velocity_fn, x):
     return xs, denoised
 
 
-def _assert_trajectories_match(sampler, scheduler, sigmas):
+def _assert_trajectories_match(sampler, scheduler, sigmas, record_property):
+    """Records the largest step error relative to the scheduler's state (bench/parity_report.py)."""
     velocity_fn = _test_velocity_fn()
     x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     expected_xs, expected_denoised = _diffusers_trajectory(scheduler, velocity_fn, x.clone())
@@ -134,11 +135,11 @@ def _assert_trajectories_match(sampler, scheduler, sigmas):
     sampler(velocity_fn, x.clone(), sigmas, callback=steps.append)
 
     assert [step["i"] for step in steps] == list(range(len(sigmas) - 1))
-    previous_x = x
+    previous_x, errors = x, []
     for step, expected_x, expected_x0 in zip(steps, expected_xs, expected_denoised):
         # diffusers computes its coefficients in float32, hence the tolerance
-        scale = expected_x.abs().max()
-        assert (step["x"] - expected_x).abs().max() <= 1e-5 * scale
+        errors.append(((step["x"] - expected_x).abs().max() / expected_x.abs().max()).item())
+        assert errors[-1] <= 1e-5
         assert step["sigma"].item() == sigmas[step["i"]].item()
         if expected_x0 is not None:
             assert (step["denoised"] - expected_x0).abs().max() <= 1e-5 * expected_x0.abs().max()
@@ -146,6 +147,7 @@ def _assert_trajectories_match(sampler, scheduler, sigmas):
             velocity = velocity_fn(previous_x, step["sigma"])
             torch.testing.assert_close(step["denoised"], previous_x - step["sigma"] * velocity)
         previous_x = step["x"]
+    record_property("relative_error", max(errors))
 
 
 CASES = [(1, 1.0), (2, 3.0), (7, 5.0), (30, 3.0), (50, 5.0)]
@@ -160,22 +162,22 @@ CASES = [(1, 1.0), (2, 3.0), (7, 5.0), (30, 3.0), (50, 5.0)]
     ],
     ids=["euler", "dpm++2m", "unipc"],
 )
-@pytest.mark.parametrize("steps, shift", CASES)
-def test_trajectory_matches_diffusers_scheduler(sampler, make_scheduler, steps, shift):
+@pytest.mark.parametrize("steps, shift", CASES, ids=[f"{steps}-steps-shift-{shift:g}" for steps, shift in CASES])
+def test_trajectory_matches_diffusers_scheduler(sampler, make_scheduler, steps, shift, record_property):
     """Our sampler, given the scheduler's own sigmas, retraces the scheduler's loop step by step."""
     scheduler = make_scheduler(shift)
     scheduler.set_timesteps(steps)
-    _assert_trajectories_match(sampler, scheduler, scheduler.sigmas.double())
+    _assert_trajectories_match(sampler, scheduler, scheduler.sigmas.double(), record_property)
 
 
 @pytest.mark.parametrize("steps, shift", [(3, 1.0), (20, 5.0)])
-def test_unipc_matches_diffusers_on_the_wan_schedule(steps, shift):
+def test_unipc_matches_diffusers_on_the_wan_schedule(steps, shift, record_property):
     # diffusers' UniPC shifts explicit sigmas by its flow_shift: give it ours with flow_shift 1
     sigmas = flow_sigmas(steps, shift)
     scheduler = _unipc_scheduler(1.0)
     scheduler.set_timesteps(sigmas=sigmas[:-1].numpy())
     torch.testing.assert_close(scheduler.sigmas.double(), sigmas, rtol=0, atol=1e-7)
-    _assert_trajectories_match(sample_unipc, scheduler, sigmas)
+    _assert_trajectories_match(sample_unipc, scheduler, sigmas, record_property)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
@@ -258,7 +260,7 @@ def _measured_orders(sampler, sigmas_for_steps, reference, step_counts):
     [(sample_euler, 0.9), (sample_dpmpp_2m, 1.8), (sample_unipc, 1.8)],
     ids=["euler", "dpm++2m", "unipc"],
 )
-def test_convergence_order_away_from_data(sampler, min_order, shift):
+def test_convergence_order_away_from_data(sampler, min_order, shift, record_property):
     """From shift(0.999) down to shift(0.2) every solver shows its order. Measured log2 error
     ratios for N = 32 -> 64 -> 128: euler 1.00, 1.00 without shift and 0.99, 1.00 with shift 5;
     dpm++2m 1.99, 1.95 / 1.88, 1.94; unipc 1.98, 1.98 / 1.89, 1.95."""
@@ -268,6 +270,7 @@ def test_convergence_order_away_from_data(sampler, min_order, shift):
         _reference_solution(shift, 0.2),
         step_counts=[32, 64, 128],
     )
+    record_property("orders", " ".join(f"{order:.2f}" for order in orders))
     assert min(orders) >= min_order, orders
 
 
@@ -276,7 +279,7 @@ def test_convergence_order_away_from_data(sampler, min_order, shift):
     [(sample_euler, 0.9), (sample_dpmpp_2m, 1.5), (sample_unipc, 1.8)],
     ids=["euler", "dpm++2m", "unipc"],
 )
-def test_convergence_order_of_the_full_schedule(sampler, min_order):
+def test_convergence_order_of_the_full_schedule(sampler, min_order, record_property):
     """The full schedule down to σ = 0 (flow_sigmas, no shift). Measured log2 error ratios for
     N = 32 -> 64 -> 128 (-> 256 -> 512, not run here): euler 0.99, 0.99 (1.00, 1.00);
     unipc 2.03, 2.07 (2.07, 2.05); dpm++2m only 1.55, 1.69 (1.76, 1.79).
@@ -296,6 +299,7 @@ def test_convergence_order_of_the_full_schedule(sampler, min_order):
         _reference_solution(1.0, 0.0),
         step_counts=[32, 64, 128],
     )
+    record_property("orders", " ".join(f"{order:.2f}" for order in orders))
     assert min(orders) >= min_order, orders
 
 

@@ -89,18 +89,23 @@ def write_official_folder(folder, model, dtype=torch.float32, tokenizer=None):
     return folder
 
 
-def assert_matches_reference(encoder, model, tokenizer, prompts, atol, rtol=0.0):
-    """Each prompt alone through `model` gives our embeddings up to its length; zeros after."""
+def assert_matches_reference(encoder, model, tokenizer, prompts, record_property, atol, rtol=0.0):
+    """Each prompt alone through `model` gives our embeddings up to its length; zeros after.
+    Records the largest |ours − reference| / max |reference| over the prompts."""
     embeddings, lengths = encoder.encode(prompts)
     assert embeddings.shape == (len(prompts), encoder.config.text_len, model.config.d_model)
     assert embeddings.dtype == torch.float32
+    errors = []
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             expected = model(input_ids=ids).last_hidden_state[0].float()
         assert lengths[row].item() == ids.shape[1]
-        torch.testing.assert_close(embeddings[row, : ids.shape[1]], expected, atol=atol, rtol=rtol)
+        ours = embeddings[row, : ids.shape[1]]
+        errors.append(((ours - expected).abs().max() / expected.abs().max()).item())
+        torch.testing.assert_close(ours, expected, atol=atol, rtol=rtol)
         assert embeddings[row, ids.shape[1] :].abs().max().item() == 0.0
+    record_property("relative_error", max(errors))  # collected by bench/parity_report.py
 
 
 # --- official layout ----------------------------------------------------------------------------
@@ -123,31 +128,32 @@ def test_official_names_cover_wan_t5_encoder():
         (torch.bfloat16, torch.float32, 1e-5, 1e-5),  # the bf16 file cast up exactly
         (torch.bfloat16, torch.bfloat16, 5e-2, 5e-2),  # bf16 arithmetic
     ],
+    ids=["float32", "bf16-file-float32-run", "bf16-file-bf16-run"],
 )
-def test_official_folder_matches_transformers(tmp_path, file_dtype, load_dtype, atol, rtol):
+def test_official_folder_matches_transformers(tmp_path, file_dtype, load_dtype, atol, rtol, record_property):
     model = random_transformers_encoder()
     folder = write_official_folder(tmp_path / "Wan2.1-T2V-1.3B", model, file_dtype)
     encoder = TextEncoder.from_pretrained(folder, UMT5_CONFIG, dtype=load_dtype)
     assert encoder.model.dtype == load_dtype
     assert isinstance(encoder.tokenizer, T5Tokenizer)
     reference = model.to(file_dtype).float()  # the weights as the file holds them
-    assert_matches_reference(encoder, reference, sentencepiece_style_tokenizer(), PROMPTS, atol, rtol)
+    assert_matches_reference(encoder, reference, sentencepiece_style_tokenizer(), PROMPTS, record_property, atol, rtol)
 
 
-def test_official_pth_file_with_byte_tokenizer(tmp_path):
+def test_official_pth_file_with_byte_tokenizer(tmp_path, record_property):
     model = random_transformers_encoder(seed=1)
     folder = write_official_folder(tmp_path / "wan", model)
     config = replace(UMT5_CONFIG, tokenizer="byte")
     encoder = TextEncoder.from_pretrained(folder / "models_t5_umt5-xxl-enc-bf16.pth", config)
     assert isinstance(encoder.tokenizer, ByT5Tokenizer)
-    assert_matches_reference(encoder, model, ByT5Tokenizer(), PROMPTS, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(encoder, model, ByT5Tokenizer(), PROMPTS, record_property, atol=1e-5, rtol=1e-5)
 
 
 # --- diffusers layout ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("architecture, shard_size", [("umt5", "20KB"), ("t5", None)])
-def test_diffusers_folder_matches_transformers(tmp_path, architecture, shard_size):
+def test_diffusers_folder_matches_transformers(tmp_path, architecture, shard_size, record_property):
     model = random_transformers_encoder(architecture, seed=2)
     model.save_pretrained(str(tmp_path / "text_encoder"), **({"max_shard_size": shard_size} if shard_size else {}))
     ByT5Tokenizer().save_pretrained(str(tmp_path / "tokenizer"))
@@ -160,7 +166,7 @@ def test_diffusers_folder_matches_transformers(tmp_path, architecture, shard_siz
     assert encoder.config.d_model == SIZES["d_model"]
     assert type(encoder.model) is type(model)
     assert encoder.model.shared.weight is encoder.model.encoder.embed_tokens.weight
-    assert_matches_reference(encoder, model, ByT5Tokenizer(), PROMPTS, atol=1e-5, rtol=1e-5)
+    assert_matches_reference(encoder, model, ByT5Tokenizer(), PROMPTS, record_property, atol=1e-5, rtol=1e-5)
 
 
 # --- tokens, padding, truncation ----------------------------------------------------------------

@@ -85,37 +85,42 @@ def reference_decode(reference: AutoencoderKLWan, latents: torch.Tensor) -> torc
         return reference.decode(latents * std + mean).sample
 
 
-def assert_matches_reference(ours: WanVAE, reference: AutoencoderKLWan, num_frames: int, seed: int) -> None:
+def assert_matches_reference(ours: WanVAE, reference: AutoencoderKLWan, num_frames: int, seed: int,
+                             record_property) -> None:
     frames = random_frames((2, 3, num_frames, 16, 24), seed)
     latents = ours.encode(frames)
     assert latents.shape == (2, SMALL.z_dim, 1 + (num_frames - 1) // 4, 2, 3)
-    assert relative_error(latents, reference_encode(reference, frames)) < PARITY_TOLERANCE
+    encode_error = relative_error(latents, reference_encode(reference, frames))
+    record_property("encode_relative_error", encode_error)  # collected by bench/parity_report.py
+    assert encode_error < PARITY_TOLERANCE
 
     decoded = ours.decode(latents)
     expected = reference_decode(reference, latents)
     assert decoded.shape == expected.shape == frames.shape
     assert (expected.abs() < 1).float().mean() > 0.5  # most values unclamped: the comparison means something
-    assert relative_error(decoded, expected) < PARITY_TOLERANCE
+    decode_error = relative_error(decoded, expected)
+    record_property("decode_relative_error", decode_error)
+    assert decode_error < PARITY_TOLERANCE
 
 
-def test_diffusers_folder_matches_diffusers(small_pair, tmp_path):
+def test_diffusers_folder_matches_diffusers(small_pair, tmp_path, record_property):
     _, reference = small_pair
     reference.save_pretrained(tmp_path / "vae")  # a pipeline folder's vae/: config.json + safetensors
     for path in (tmp_path / "vae", tmp_path):
         loaded = WanVAE.from_pretrained(path)
         assert loaded.config.latents_mean == SMALL.latents_mean and loaded.config.z_dim == SMALL.z_dim
         assert loaded.config.base_dim == SMALL.base_dim
-    assert_matches_reference(loaded, reference, num_frames=9, seed=1)  # 3 latent frames
+    assert_matches_reference(loaded, reference, num_frames=9, seed=1, record_property=record_property)  # 3 latent frames
 
 
-def test_official_pth_matches_diffusers(small_pair, tmp_path):
+def test_official_pth_matches_diffusers(small_pair, tmp_path, record_property):
     ours, reference = small_pair
     torch.save(ours.state_dict(), tmp_path / "Wan2.1_VAE.pth")
     from_folder = WanVAE.from_pretrained(tmp_path, config=SMALL)
     from_file = WanVAE.from_pretrained(tmp_path / "Wan2.1_VAE.pth", config=SMALL)
     for name, tensor in ours.state_dict().items():
         assert torch.equal(from_folder.state_dict()[name], tensor)
-    assert_matches_reference(from_file, reference, num_frames=13, seed=2)  # 4 latent frames
+    assert_matches_reference(from_file, reference, num_frames=13, seed=2, record_property=record_property)  # 4 latent frames
 
 
 def test_wan21_names_and_shapes_are_the_official_ones():
