@@ -140,7 +140,8 @@ def stages_on_rendered_clips(tsr: TsrStage, ssr: SsrStage, cases, count: int) ->
     ]
 
 
-def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_stages: int, threads: int) -> list[str]:
+def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_stages: int, threads: int,
+            overrides: list[str]) -> list[str]:
     """The cascade on the cases' prompts: base clip checks, tsr monotonicity, ssr detail."""
     video = config.video
     rows, base_monotonic, monotonic, energy_ratios, seconds = [], [], [], [], []
@@ -164,7 +165,7 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
     return [
         "## The cascade",
         "",
-        f"- config: `configs/tiny.yaml` ({video.height}×{video.width}, {video.num_frames} frames, {base_config.steps} "
+        f"- config: `configs/tiny.yaml`{''.join(f' `{item}`' for item in overrides)} ({video.height}×{video.width}, {video.num_frames} frames, {base_config.steps} "
         f"{base_config.sampler} steps, guidance {base_config.guidance_scale}, shift {base_config.shift}); seeds {SEED} + index",
         f"- base stage + VAE decode: {np.median(seconds):.2f} s per prompt (median, {threads} threads)",
         "",
@@ -215,7 +216,8 @@ def main() -> int:
     if random_models:
         lines += ["## The cascade", "", "Not measured: " + "; ".join(random_models) + ".", ""]
     else:
-        lines += cascade(base, tsr, ssr, config, cases, arguments.later_stages, arguments.threads)
+        lines += cascade(base, tsr, ssr, config, cases, arguments.later_stages, arguments.threads,
+                         arguments.overrides)
     notes = ""
     if DOC_PATH.is_file() and NOTES_HEADING in DOC_PATH.read_text():
         notes = DOC_PATH.read_text()[DOC_PATH.read_text().index(NOTES_HEADING):]
