@@ -41,24 +41,26 @@ CONFIG = WanDiTConfig(dim=512, ffn_dim=1536, num_heads=8, num_layers=4, text_len
 LATENT_SHAPE = (1, 16, 5, 30, 52)  # 5 × 15 × 26 = 1950 tokens
 
 
-def diffusers_model(seed: int = 0) -> WanTransformer3DModel:
+def diffusers_model(config: WanDiTConfig = CONFIG, seed: int = 0) -> WanTransformer3DModel:
+    """diffusers' Wan transformer of `config`'s sizes with its own random initialisation."""
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=tuple(CONFIG.patch_size),
-        num_attention_heads=CONFIG.num_heads,
-        attention_head_dim=CONFIG.head_dim,
-        in_channels=CONFIG.in_dim,
-        out_channels=CONFIG.out_dim,
-        text_dim=CONFIG.text_dim,
-        freq_dim=CONFIG.freq_dim,
-        ffn_dim=CONFIG.ffn_dim,
-        num_layers=CONFIG.num_layers,
-        eps=CONFIG.eps,
+        patch_size=tuple(config.patch_size),
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=config.in_dim,
+        out_channels=config.out_dim,
+        text_dim=config.text_dim,
+        freq_dim=config.freq_dim,
+        ffn_dim=config.ffn_dim,
+        num_layers=config.num_layers,
+        eps=config.eps,
     ).eval()
 
 
-def our_model(reference: WanTransformer3DModel) -> WanDiT:
-    model = WanDiT(CONFIG).eval()
+def our_model(reference: WanTransformer3DModel, config: WanDiTConfig = CONFIG) -> WanDiT:
+    """Our WanDiT holding `reference`'s weights (converted to the official names)."""
+    model = WanDiT(config).eval()
     load_into(model, official_state_dict_from_diffusers(reference.state_dict()), source="diffusers model")
     return model
 

@@ -28,13 +28,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: E402
+from diffusers import AutoencoderKLWan  # noqa: E402
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402
 
+from bench_dit import diffusers_model, our_model  # noqa: E402  (bench/, this script's folder)
 from stages.attention import attention_backend  # noqa: E402
-from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig, official_state_dict_from_diffusers  # noqa: E402
+from stages.base.dit import WAN_DIT_SIZES, WanDiTConfig  # noqa: E402
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig  # noqa: E402
-from stages.weights import load_into  # noqa: E402
 
 # Every released DiT shares the Wan2.1 VAE; the quick CPU run narrows it (diffusers' converter of the
 # official names knows only Wan2.1's two residual blocks per level, which the project's tiny VAE lacks).
@@ -49,14 +49,6 @@ def dit_forward_flops(config: WanDiTConfig, tokens: int) -> float:
     cross_attention = 2 * tokens * 2 * dim * dim + 2 * text * 2 * dim * dim + 2 * 2 * tokens * text * dim
     feed_forward = 2 * tokens * 2 * dim * config.ffn_dim
     return config.num_layers * (self_attention + cross_attention + feed_forward)
-
-
-def diffusers_dit(config: WanDiTConfig) -> WanTransformer3DModel:
-    return WanTransformer3DModel(
-        patch_size=tuple(config.patch_size), num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
-        in_channels=config.in_dim, out_channels=config.out_dim, text_dim=config.text_dim, freq_dim=config.freq_dim,
-        ffn_dim=config.ffn_dim, num_layers=config.num_layers, eps=config.eps,
-    )
 
 
 def to_dtype_as_diffusers_loads(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -101,11 +93,9 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 def bench_dit(config: WanDiTConfig, latent_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
               runs: int, peak_tflops: float) -> list[str]:
-    torch.manual_seed(0)
-    reference = to_dtype_as_diffusers_loads(diffusers_dit(config), dtype).to(device).eval()
-    ours = WanDiT(config).eval()
-    load_into(ours, official_state_dict_from_diffusers(reference.state_dict()), source="diffusers model")
-    ours = ours.to(device, dtype)
+    reference = diffusers_model(config)
+    ours = our_model(reference, config).to(device, dtype)
+    reference = to_dtype_as_diffusers_loads(reference, dtype).to(device)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
     timestep = torch.tensor([700.0], device=device)

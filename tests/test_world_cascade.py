@@ -68,10 +68,10 @@ def test_base_clips_have_the_prompted_colour_and_direction(generated):
 
 
 def test_interpolated_clips_keep_the_motion_monotonic(tiny, generated):
-    _, (_, tsr, _) = tiny
     """Interpolation keeps the motion it is given: where a base clip obeys and its object advances
     at every frame, the tsr output's object does too (a base clip that steps back is the base
     stage's fault, counted in bench/eval_world.py)."""
+    _, (_, tsr, _) = tiny
     monotonic = [(case, request, latents) for case, request, latents, frames, check in generated
                  if check.passed and is_monotonic(frames, case.direction)]
     assert len(monotonic) >= MONOTONIC_CLIPS
