@@ -88,8 +88,8 @@ def test_worker_runs_without_ray(config, direct_outputs):
 def test_ray_dag_gives_the_direct_result(start_workers, config, direct_outputs):
     request, latents, frames, final = direct_outputs
     workers, loaded = start_workers(config)
-    # tiny ships trained weights for every model but the DiT (until its trained weights ship)
-    assert {stage: "RANDOM" in " ".join(info["warnings"]) for stage, info in loaded.items()} == {"base": True, "tsr": False, "ssr": False}
+    # tiny ships trained weights for every model
+    assert {stage: info["warnings"] for stage, info in loaded.items()} == {"base": [], "tsr": [], "ssr": []}
     reports, done = [], []
     results = run_pipelined(build_dag(workers), [request], 1, lambda req, rep: reports.append(rep), done.append)
     assert results[0].error is None and done == results
