@@ -22,7 +22,9 @@ model saw in training), half Chinese, cycling through the six colours and eight 
    `stages.world_checks.MONOTONIC_TOLERANCE`, 1 px) and, where it is monotonic, so is the tsr
    stage's output (×factor frames): whether interpolation keeps the motion it is given. For the
    first `--later-stages` prompts the ssr stage's output is compared with bicubic upsampling of the
-   same frames by high-frequency energy (mean squared Laplacian of the luma).
+   same frames by high-frequency energy (mean squared Laplacian of the luma). The colour and
+   direction checks then run again with each seed set of `--other-seeds` (seed + index), which
+   shows how much of the rate the first seeds owe to chance.
 """
 
 from __future__ import annotations
@@ -41,18 +43,20 @@ import torch  # noqa: E402
 
 from cascade.config import load_config  # noqa: E402
 from cascade.outputs import write_atomic  # noqa: E402
+from cascade.payload import Request  # noqa: E402
 from stages.base.stage import BaseStage  # noqa: E402
 from stages.ssr.stage import SsrStage  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
 from stages.pixels import to_model_range, to_uint8  # noqa: E402
 from stages.tsr.interpolator import blend_linearly, interpolate_frames  # noqa: E402
-from stages.world import clip_for, held_out_prompts, render_clip  # noqa: E402
+from stages.world import PromptCase, clip_for, held_out_prompts, render_clip  # noqa: E402
 from stages.world_checks import (  # noqa: E402
     base_frames, bicubic_upsample, check_base_clip, detail_over_bicubic, high_frequency_energy, interpolated_frames,
     is_monotonic, request_for, super_resolved_frames,
 )
 
 SEED = 1234  # the tests use the same seeds
+OTHER_SEEDS = (5000, 9000)
 DOC_PATH = REPOSITORY_ROOT / "docs" / "eval_world.md"
 NOTES_HEADING = "## Notes"  # a hand-written section of the doc from this heading on is kept
 
@@ -140,14 +144,30 @@ def stages_on_rendered_clips(tsr: TsrStage, ssr: SsrStage, cases, count: int) ->
     ]
 
 
+def cascade_request(case: PromptCase, seed: int, config) -> Request:
+    """The request the cascade makes for `case` with `seed`, at the config's video size."""
+    video = config.video
+    return request_for(case, seed, config.stages.base.negative_prompt, video.height, video.width,
+                       video.num_frames, video.fps)
+
+
+def obeyed_with_seeds(base: BaseStage, tsr: TsrStage, config, cases: list[PromptCase], seed: int) -> list[bool]:
+    """Whether each case's base clip has the prompt's colour and direction, with seeds seed + index."""
+    flags = []
+    for index, case in enumerate(cases):
+        _, frames = base_frames(base, tsr, cascade_request(case, seed + index, config))
+        flags.append(check_base_clip(frames, case).passed)
+    return flags
+
+
 def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_stages: int, threads: int,
-            overrides: list[str]) -> list[str]:
-    """The cascade on the cases' prompts: base clip checks, tsr monotonicity, ssr detail."""
+            overrides: list[str], other_seeds: list[int]) -> list[str]:
+    """The cascade on the cases' prompts: base clip checks, tsr monotonicity, ssr detail, and the
+    base clip checks again with other seeds."""
     video = config.video
     rows, base_monotonic, monotonic, energy_ratios, seconds = [], [], [], [], []
     for index, case in enumerate(cases):
-        request = request_for(case, SEED + index, config.stages.base.negative_prompt, video.height, video.width,
-                              video.num_frames, video.fps)
+        request = cascade_request(case, SEED + index, config)
         started = time.perf_counter()
         latents, frames = base_frames(base, tsr, request)
         seconds.append(time.perf_counter() - started)
@@ -161,6 +181,10 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
                 monotonic.append(is_monotonic(interpolated_frames(tsr, latents, request), case.direction))
         if len(energy_ratios) < later_stages:
             energy_ratios.append(detail_over_bicubic(ssr, frames, request))
+    obeyed = {SEED: [row.passed for row in rows]}
+    for seed in other_seeds:
+        obeyed[seed] = obeyed_with_seeds(base, tsr, config, cases, seed)
+        print(f"seeds {seed} + index: both {rate(obeyed[seed])}", flush=True)
     base_config = config.stages.base
     return [
         "## The cascade",
@@ -180,6 +204,9 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
         f"| tsr output monotonic (of the {len(monotonic)} of those whose base clip is) | {rate(monotonic)} |",
         f"| ssr high-frequency energy above bicubic (of the first {len(energy_ratios)} clips) | "
         f"{rate(ratio > 1 for ratio in energy_ratios)} (median ratio {np.median(energy_ratios):.2f}) |",
+        *[f"| both, seeds {seed} + index | {rate(flags)} |" for seed, flags in obeyed.items() if seed != SEED],
+        *([f"| **both, the {len(obeyed)} seed sets pooled** | **{rate(sum(obeyed.values(), []))}** |"]
+          if other_seeds else []),
         "",
         "Failures:",
         "",
@@ -195,6 +222,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--later-stages", type=int, default=16,
                         help="how many clips the tsr and ssr checks run on (the first ones)")
+    parser.add_argument("--other-seeds", type=int, nargs="*", default=list(OTHER_SEEDS),
+                        help=f"first seeds of further seed sets for the colour and direction checks (default {' '.join(map(str, OTHER_SEEDS))})")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
@@ -217,7 +246,7 @@ def main() -> int:
         lines += ["## The cascade", "", "Not measured: " + "; ".join(random_models) + ".", ""]
     else:
         lines += cascade(base, tsr, ssr, config, cases, arguments.later_stages, arguments.threads,
-                         arguments.overrides)
+                         arguments.overrides, arguments.other_seeds)
     notes = ""
     if DOC_PATH.is_file() and NOTES_HEADING in DOC_PATH.read_text():
         notes = DOC_PATH.read_text()[DOC_PATH.read_text().index(NOTES_HEADING):]
