@@ -43,7 +43,6 @@ import torch  # noqa: E402
 
 from cascade.config import load_config  # noqa: E402
 from cascade.outputs import write_atomic  # noqa: E402
-from cascade.payload import Request  # noqa: E402
 from stages.base.stage import BaseStage  # noqa: E402
 from stages.ssr.stage import SsrStage  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
@@ -52,7 +51,7 @@ from stages.tsr.interpolator import blend_linearly, interpolate_frames  # noqa: 
 from stages.world import PromptCase, clip_for, held_out_prompts, render_clip  # noqa: E402
 from stages.world_checks import (  # noqa: E402
     base_frames, bicubic_upsample, check_base_clip, detail_over_bicubic, high_frequency_energy, interpolated_frames,
-    is_monotonic, request_for, super_resolved_frames,
+    is_monotonic, request_for, request_in_config, super_resolved_frames,
 )
 
 SEED = 1234  # the tests use the same seeds
@@ -144,18 +143,11 @@ def stages_on_rendered_clips(tsr: TsrStage, ssr: SsrStage, cases, count: int) ->
     ]
 
 
-def cascade_request(case: PromptCase, seed: int, config) -> Request:
-    """The request the cascade makes for `case` with `seed`, at the config's video size."""
-    video = config.video
-    return request_for(case, seed, config.stages.base.negative_prompt, video.height, video.width,
-                       video.num_frames, video.fps)
-
-
 def obeyed_with_seeds(base: BaseStage, tsr: TsrStage, config, cases: list[PromptCase], seed: int) -> list[bool]:
     """Whether each case's base clip has the prompt's colour and direction, with seeds seed + index."""
     flags = []
     for index, case in enumerate(cases):
-        _, frames = base_frames(base, tsr, cascade_request(case, seed + index, config))
+        _, frames = base_frames(base, tsr, request_in_config(case, seed + index, config))
         flags.append(check_base_clip(frames, case).passed)
     return flags
 
@@ -167,7 +159,7 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
     video = config.video
     rows, base_monotonic, monotonic, energy_ratios, seconds = [], [], [], [], []
     for index, case in enumerate(cases):
-        request = cascade_request(case, SEED + index, config)
+        request = request_in_config(case, SEED + index, config)
         started = time.perf_counter()
         latents, frames = base_frames(base, tsr, request)
         seconds.append(time.perf_counter() - started)
@@ -206,7 +198,7 @@ def cascade(base: BaseStage, tsr: TsrStage, ssr: SsrStage, config, cases, later_
         f"{rate(ratio > 1 for ratio in energy_ratios)} (median ratio {np.median(energy_ratios):.2f}) |",
         *[f"| both, seeds {seed} + index | {rate(flags)} |" for seed, flags in obeyed.items() if seed != SEED],
         *([f"| **both, the {len(obeyed)} seed sets pooled** | **{rate(sum(obeyed.values(), []))}** |"]
-          if other_seeds else []),
+          if len(obeyed) > 1 else []),
         "",
         "Failures:",
         "",

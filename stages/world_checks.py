@@ -11,7 +11,7 @@ Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_w
   spatial super-resolution over that of bicubic upsampling of the same frames.
 
 `base_frames`, `interpolated_frames`, `super_resolved_frames` and `detail_over_bicubic` run the
-stages on one request.
+stages on one request (`request_in_config` makes it as the cascade would).
 """
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ def request_for(case: PromptCase, seed: int, negative_prompt: str, height: int =
                 num_frames: int = 17, fps: float = 16.0) -> Request:
     """The cascade request of a prompt case."""
     return Request(case.prompt, negative_prompt, seed, height, width, num_frames, fps)
+
+
+def request_in_config(case: PromptCase, seed: int, config) -> Request:
+    """The request `run_cascade.py` makes for `case` with `seed` under a cascade config: its video
+    size and frame rate, its base stage's negative prompt."""
+    video = config.video
+    return request_for(case, seed, config.stages.base.negative_prompt, video.height, video.width,
+                       video.num_frames, video.fps)
 
 
 def base_frames(base_stage, tsr_stage, request: Request) -> tuple[Clip, np.ndarray]:

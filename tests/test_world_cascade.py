@@ -17,7 +17,7 @@ from stages.ssr.stage import SsrStage
 from stages.tsr.stage import TsrStage
 from stages.world import held_out_prompts
 from stages.world_checks import (
-    base_frames, check_base_clip, detail_over_bicubic, interpolated_frames, is_monotonic, request_for,
+    base_frames, check_base_clip, detail_over_bicubic, interpolated_frames, is_monotonic, request_in_config,
 )
 
 PROMPTS = 48
@@ -43,11 +43,9 @@ def tiny():
 def generated(tiny):
     """(case, request, base latents, decoded base frames, check) of every held-out prompt."""
     config, (base, tsr, _) = tiny
-    video = config.video
     results = []
     for index, case in enumerate(held_out_prompts(PROMPTS)):
-        request = request_for(case, SEED + index, config.stages.base.negative_prompt, video.height, video.width,
-                              video.num_frames, video.fps)
+        request = request_in_config(case, SEED + index, config)
         latents, frames = base_frames(base, tsr, request)
         results.append((case, request, latents, frames, check_base_clip(frames, case)))
     return results
