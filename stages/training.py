@@ -1,5 +1,6 @@
-"""The one training loop every stage model uses: AdamW with cosine decay, a progress bar with the
-losses, a JSON-lines log, and checkpoints that resume exactly.
+"""The one training loop every stage model uses: AdamW with cosine decay, optionally an exponential
+moving average of the weights and torch.compile, a progress bar with the losses, a JSON-lines log,
+and checkpoints that resume exactly.
 
 A run lives in one folder:
 
@@ -29,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from stages.weights import write_safetensors
@@ -50,6 +52,11 @@ class TrainingConfig:
     log_every: int = 20
     checkpoint_every: int = 200
     threads: int = 1
+    # above 0, the written weights are the exponential moving average of the weights after each
+    # step, w ← decay·w + (1 − decay)·weights (about the last 1/(1 − decay) steps)
+    average_decay: float = 0.0
+    # torch.compile the model for the loss (forward and backward); on a CPU it needs a C++ compiler
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "threads"):
@@ -57,6 +64,8 @@ class TrainingConfig:
                 raise ValueError(f"TrainingConfig.{name}={getattr(self, name)!r} must be at least 1")
         if self.learning_rate <= 0:
             raise ValueError(f"TrainingConfig.learning_rate={self.learning_rate!r} must be positive")
+        if not 0.0 <= self.average_decay < 1.0:
+            raise ValueError(f"TrainingConfig.average_decay={self.average_decay!r} must be in [0, 1) (0: no average)")
 
 
 def learning_rate_factor(step: int, config: TrainingConfig) -> float:
@@ -83,11 +92,13 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> None:
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig,
+                    average: AveragedModel | None = None) -> None:
     buffer = io.BytesIO()
     torch.save(
         {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "rng": _rng_state(), "config": asdict(config)},
+         "rng": _rng_state(), "config": asdict(config),
+         **({"average": average.state_dict()} if average is not None else {})},
         buffer,
     )
     _write_atomic(path, buffer.getvalue())
@@ -102,18 +113,22 @@ def train(
     weights_name: str,
 ) -> Path:
     """Trains `model` for `config.steps` steps (continuing a checkpoint in `out_dir` if there is
-    one) and returns the path of the final safetensors weights."""
+    one) and returns the path of the final safetensors weights (the average with
+    `config.average_decay`; `model` itself holds the last weights)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.average_decay)) if config.average_decay else None
     checkpoint_path = out_dir / CHECKPOINT_NAME
     start = 0
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if average is not None and "average" in state:
+            average.load_state_dict(state["average"])
         start = state["step"]
         _set_rng_state(state["rng"])
         log.info("resuming %s from step %d", out_dir, start)
@@ -127,14 +142,17 @@ def train(
         scheduler.step()
 
     model.train()
+    loss_model = torch.compile(model) if config.compile else model
     started = time.perf_counter()
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"training {weights_name}")
     for step in bar:
-        loss, parts = loss_fn(model, batches(step))
+        loss, parts = loss_fn(loss_model, batches(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(model)  # the first call copies the weights
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             record = {"step": done, "loss": loss.item(), **parts, "seconds": round(time.perf_counter() - started, 2)}
@@ -142,10 +160,10 @@ def train(
                 file.write(json.dumps(record) + "\n")
             bar.set_postfix({key: f"{value:.4g}" for key, value in record.items() if key not in ("step", "seconds")})
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save_checkpoint(checkpoint_path, model, optimizer, done, config)
+            save_checkpoint(checkpoint_path, model, optimizer, done, config, average)
     model.eval()
     weights_path = out_dir / weights_name
-    write_safetensors(weights_path, model.state_dict())
+    write_safetensors(weights_path, (average.module if average is not None else model).state_dict())
     log.info("wrote %s", weights_path)
     return weights_path
 
