@@ -2,6 +2,7 @@
 uninterrupted one."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     eager, compiled = fresh_model(), fresh_model()
     config = TrainingConfig(steps=20, learning_rate=0.05, warmup_steps=5)
     train(eager, loss_fn, batches, config, tmp_path / "eager", "w.safetensors")
-    train(compiled, loss_fn, batches, TrainingConfig(**{**config.__dict__, "compile": True}), tmp_path / "compiled", "w.safetensors")
+    train(compiled, loss_fn, batches, replace(config, compile=True), tmp_path / "compiled", "w.safetensors")
     torch.testing.assert_close(compiled.weight, eager.weight, atol=1e-5, rtol=1e-5)
 
 
