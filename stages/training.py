@@ -120,7 +120,8 @@ def train(
     torch.set_num_threads(config.threads)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, config))
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.average_decay)) if config.average_decay else None
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.average_decay), use_buffers=True)
+               if config.average_decay else None)
     checkpoint_path = out_dir / CHECKPOINT_NAME
     start = 0
     if checkpoint_path.exists():
@@ -129,6 +130,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         if average is not None and "average" in state:
             average.load_state_dict(state["average"])
+        elif average is not None:
+            log.info("%s holds no average of the weights: the average starts at step %d", checkpoint_path, state["step"])
         start = state["step"]
         _set_rng_state(state["rng"])
         log.info("resuming %s from step %d", out_dir, start)

@@ -91,7 +91,14 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     eager, compiled = fresh_model(), fresh_model()
     config = TrainingConfig(steps=20, learning_rate=0.05, warmup_steps=5)
     train(eager, loss_fn, batches, config, tmp_path / "eager", "w.safetensors")
-    train(compiled, loss_fn, batches, replace(config, compile=True), tmp_path / "compiled", "w.safetensors")
+    models_seen = []
+
+    def recording_loss(model, batch):
+        models_seen.append(type(model))
+        return loss_fn(model, batch)
+
+    train(compiled, recording_loss, batches, replace(config, compile=True), tmp_path / "compiled", "w.safetensors")
+    assert set(models_seen) == {torch._dynamo.eval_frame.OptimizedModule}  # the loss ran on the compiled model
     torch.testing.assert_close(compiled.weight, eager.weight, atol=1e-5, rtol=1e-5)
 
 
