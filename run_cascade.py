@@ -93,8 +93,9 @@ def start_ray(address: str | None, config) -> None:
             raise UserError(f"cannot join the Ray cluster at {address}: {error}") from None
         log.info("joined the Ray cluster at %s", address)
         return
-    # A local Ray offers at least the CPU slots the stages ask for, even on a 2-core laptop.
-    asked = sum(getattr(config.stages, name).resources.num_cpus for name in ("base", "tsr", "ssr"))
+    # A local Ray offers at least the CPU slots the stages' ranks ask for, even on a 2-core laptop.
+    asked = sum(getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).parallel.world_size
+                for name in ("base", "tsr", "ssr"))
     context = ray.init(
         address="local",  # a new local Ray, even if another one runs on this machine
         num_cpus=max(os.cpu_count() or 1, math.ceil(asked)),
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from cascade.config import load_config, to_plain_dict
-    from cascade.graph import build_dag, create_workers, load_workers, run_pipelined
+    from cascade.graph import build_dag, create_groups, load_groups, run_pipelined, stop_groups
+    from cascade.groups import check_placement
     from cascade.outputs import RunWriter, check_writable, software_versions
 
     prompts = read_prompts(args)
@@ -137,9 +139,11 @@ def run(args: argparse.Namespace) -> int:
     requests = make_requests(prompts, config, args.seed)
 
     start_ray(args.address, config)
+    groups = {}
     try:
-        workers = create_workers(config)
-        loaded = load_workers(workers)
+        check_placement(config)
+        groups = create_groups(config)
+        loaded = load_groups(groups)
         warnings = [f"{stage}: {warning}" for stage, info in loaded.items() for warning in info["warnings"]]
         for warning in warnings:
             log.warning("WARNING %s", warning)
@@ -168,10 +172,12 @@ def run(args: argparse.Namespace) -> int:
                 log.error("prompt %d failed in %s: %s (manifest: %s)", result.request.index, result.failed_stage,
                           str(cause).strip().splitlines()[-1], folder / "manifest.json")
 
-        results = run_pipelined(build_dag(workers), requests, config.output.max_prompts_in_flight, on_report, on_done)
+        results = run_pipelined(build_dag(groups), requests, config.output.max_prompts_in_flight, on_report, on_done)
     finally:
         if args.address is None:
             ray.shutdown()
+        elif ray.is_initialized():
+            stop_groups(groups)  # free the cluster's resources now, not when the job ends
     return 0 if all(result.error is None for result in results) else 1
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from cascade.config import load_config  # noqa: E402
-from cascade.graph import build_dag, create_workers, load_workers, run_pipelined  # noqa: E402
+from cascade.graph import build_dag, create_groups, load_groups, run_pipelined  # noqa: E402
 from run_cascade import make_requests  # noqa: E402
 
 PROMPTS = [
@@ -37,16 +37,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     config = load_config(None, args.overrides)
-    asked = sum(getattr(config.stages, name).resources.num_cpus for name in ("base", "tsr", "ssr"))
+    asked = sum(getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).parallel.world_size
+                for name in ("base", "tsr", "ssr"))
 
     started = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(asked)), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     started = time.perf_counter()
-    workers = create_workers(config)
-    load_workers(workers)
+    groups = create_groups(config)
+    load_groups(groups)
     actors_start = time.perf_counter() - started
-    dag = build_dag(workers)
+    dag = build_dag(groups)
 
     prompts = (PROMPTS * math.ceil(args.prompts / len(PROMPTS)))[: args.prompts]
     requests = make_requests(prompts, config, seed=0)
@@ -67,7 +68,7 @@ def main() -> None:
 
     print("| what | seconds |\n|---|---|")
     print(f"| ray.init (local) | {ray_start:.1f} |")
-    print(f"| start 3 actors and load models | {actors_start:.1f} |")
+    print(f"| start the stage actors and load models | {actors_start:.1f} |")
     for stage, times in stage_times.items():
         print(f"| {stage} stage, one prompt (median of {len(times)}) | {sorted(times)[len(times) // 2]:.2f} |")
     print(f"| one prompt through the DAG (mean) | {single_total / len(singles):.2f} |")

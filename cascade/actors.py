@@ -1,10 +1,15 @@
-"""The thin shell that puts one stage on one Ray actor.
+"""The thin shell that puts one rank of a stage on one Ray actor.
 
 `StageWorker` is a plain class: tests and users can run it without Ray. `ray.remote(StageWorker)`
-places it on a node with the stage's resources. It builds its stage in `load()` (so a bad checkpoint
-is reported as an error of that call), and each `run()` returns two objects: the clip for the next
-stage (or, for the last stage, the encoded MP4) and a small report with timing and previews, so the
-driver writes previews without ever fetching the frames.
+places it on a node with the stage's resources (cascade/groups.py starts one per rank). It builds
+its stage in `load()` (so a bad checkpoint is reported as an error of that call), and each `run()`
+returns two objects: the clip for the next stage (or, for the last stage, the encoded MP4) and a
+small report with timing and previews, so the driver writes previews without ever fetching the
+frames.
+
+A stage of several ranks is still one node of the graph: the leader (rank 0) is called with the
+clip, starts the same call on the other ranks (its peers), which take their part through the
+torch.distributed group, and reports for all of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable, Optional
 
 import ray
 
+from cascade.groups import GroupMember
 from cascade.payload import Clip, Request
 from cascade.previews import Preview, clip_frames, make_preview
 from cascade.video import encode_mp4
@@ -26,17 +32,28 @@ log = logging.getLogger(__name__)
 STAGE_NAMES = ("base", "tsr", "ssr")
 
 
-def build_stage(name: str, section, device: str):
-    """The stage object for a config section; imported here so the driver never loads models."""
+def build_stage(name: str, section, device: str, grouped: bool = False):
+    """The stage object for a config section; imported here so the driver never loads models.
+    With `grouped`, this process is one rank of the default torch.distributed group and the stage
+    splits its work over the group as `section.parallel` says."""
+    from stages.parallel import SINGLE_RANK, make_dit_parallel, world_ranks
+
     if name == "base":
-        from stages.base.stage import BaseStage as stage_class
-    elif name == "tsr":
-        from stages.tsr.stage import TsrStage as stage_class
-    elif name == "ssr":
-        from stages.ssr.stage import SsrStage as stage_class
-    else:
-        raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
-    return stage_class(section, device=device)
+        from stages.base.stage import BaseStage
+
+        split = section.parallel
+        parallel = make_dit_parallel(split.ulysses, split.ring, split.cfg, device) if grouped else None
+        return BaseStage(section, device=device, parallel=parallel)
+    ranks = world_ranks(device) if grouped else SINGLE_RANK
+    if name == "tsr":
+        from stages.tsr.stage import TsrStage
+
+        return TsrStage(section, device=device, ranks=ranks)
+    if name == "ssr":
+        from stages.ssr.stage import SsrStage
+
+        return SsrStage(section, device=device, ranks=ranks, warmup_frames=section.parallel.warmup_frames)
+    raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,7 @@ class StageReport:
     device: str
     node: str  # host name and Ray node id
     preview: Preview
+    ranks: list = field(default_factory=list)  # `StageWorker.describe()` of every rank, leader first
     notes: dict = field(default_factory=dict)
 
 
@@ -93,26 +111,44 @@ def _progress_bar_factory() -> Callable:
     return tqdm
 
 
-class StageWorker:
-    def __init__(self, name: str, section, output_config, encode_output: bool = False):
+class StageWorker(GroupMember):
+    def __init__(self, name: str, section, output_config, encode_output: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if name not in STAGE_NAMES:
             raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
         self.name = name
         self.section = section
         self.output_config = output_config
         self.encode_output = encode_output
+        self.rank, self.world_size = rank, world_size
+        self.peers: list = []  # the leader's handles of ranks 1, 2, …
         self.stage = None
         self.device = _device_for(section.resources.num_gpus)
 
+    def start(self, address: Optional[tuple[str, int]] = None, peers: list = ()) -> dict:
+        """Joins the group at `address` (a group of several ranks; see cascade/groups.py), keeps the
+        peers a leader calls, and loads the stage."""
+        if address is not None:
+            self.join_group(*address)
+        self.peers = list(peers)
+        return self.load()
+
     def load(self) -> dict:
-        """Builds the stage's models (reading weights); returns the device and any warnings."""
+        """Builds the stage's models (reading weights); returns the rank, device, node and warnings."""
         if self.stage is None:
-            self.stage = build_stage(self.name, self.section, self.device)
-        return {"device": _describe_device(self.device), "node": _describe_node(), "warnings": list(self.stage.warnings)}
+            self.stage = build_stage(self.name, self.section, self.device, grouped=self.world_size > 1)
+        return {**self.describe(), "warnings": list(self.stage.warnings)}
+
+    def describe(self) -> dict:
+        """This rank's place: its device, its node and the node's GPUs Ray gave it (ids; empty on CPUs)."""
+        gpus = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+        return {"rank": self.rank, "device": _describe_device(self.device), "node": _describe_node(), "gpus": gpus}
 
     @ray.method(num_returns=2)
     def run(self, clip: Optional[Clip], request: Request):
+        """The leader returns (clip or video, report); another rank (None, its description)."""
         self.load()
+        peer_calls = [peer.run.remote(None, request) for peer in self.peers]  # they join this call
         bar, reported = None, 0
         bar_class = _progress_bar_factory()
 
@@ -124,10 +160,13 @@ class StageWorker:
             reported = done
 
         started_at, started = time.time(), time.perf_counter()
-        output = self.stage(clip, request, progress=progress)
+        output = self.stage(clip, request, progress=progress if self.rank == 0 else None)
         wall_time, finished_at = time.perf_counter() - started, time.time()
+        ranks = [self.describe(), *(ray.get([description for _, description in peer_calls]) if peer_calls else [])]
         if bar is not None:
             bar.close()
+        if self.rank != 0:
+            return None, ranks[0]
         out = self.output_config
         report = StageReport(
             stage=self.name,
@@ -139,9 +178,10 @@ class StageWorker:
             wall_time_s=round(wall_time, 3),
             started_at=started_at,
             finished_at=finished_at,
-            device=_describe_device(self.device),
-            node=_describe_node(),
+            device=ranks[0]["device"],
+            node=ranks[0]["node"],
             preview=make_preview(output, out.preview_max_side, out.contact_sheet_frames),
+            ranks=ranks,
             notes=dict(output.notes),
         )
         if self.encode_output:

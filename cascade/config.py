@@ -27,6 +27,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 MAX_FACTOR = 8  # temporal super-resolution: k − 1 new frames between each pair, 1 ≤ k ≤ 8
 SCALES = (2, 4)  # spatial super-resolution: one wavelet level per ×2
 DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENTS = ("STRICT_PACK", "PACK", "SPREAD")  # Ray placement group strategies for a stage's ranks
 
 
 @dataclass
@@ -36,6 +37,39 @@ class Resources:
     num_gpus: float = 0.0
     num_cpus: float = 1.0
     custom: Dict[str, float] = field(default_factory=dict)  # e.g. {"base_node": 1}
+
+
+@dataclass
+class DiTParallelConfig:
+    """The base stage's ranks: ulysses·ring·cfg Ray actors, each with the stage's `resources`,
+    computing every DiT call together (stages/parallel.py)."""
+
+    ulysses: int = 1  # ranks exchanging attention heads by all-to-all; must divide the DiT's heads
+    ring: int = 1  # Ulysses groups passing key/value blocks around a ring
+    cfg: int = 1  # 2: the conditional and unconditional branches on two halves of the group
+    placement: str = "STRICT_PACK"  # Ray placement strategy: STRICT_PACK keeps the group on one node
+
+    @property
+    def world_size(self) -> int:
+        return self.ulysses * self.ring * self.cfg
+
+
+@dataclass
+class FrameParallelConfig:
+    """A stage's ranks splitting its frames into contiguous ranges, one per rank."""
+
+    frames: int = 1
+    placement: str = "STRICT_PACK"
+
+    @property
+    def world_size(self) -> int:
+        return self.frames
+
+
+@dataclass
+class SsrParallelConfig(FrameParallelConfig):
+    # The upsampler is recurrent: each rank starts this many frames before its range (docs/PARALLEL.md)
+    warmup_frames: int = 4
 
 
 @dataclass
@@ -50,17 +84,20 @@ class VideoConfig:
 
 @dataclass
 class BaseSection(BaseStageConfig):
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = field(default_factory=Resources)  # of each rank
+    parallel: DiTParallelConfig = field(default_factory=DiTParallelConfig)
 
 
 @dataclass
 class TsrSection(TsrStageConfig):
     resources: Resources = field(default_factory=Resources)
+    parallel: FrameParallelConfig = field(default_factory=FrameParallelConfig)
 
 
 @dataclass
 class SsrSection(SsrStageConfig):
     resources: Resources = field(default_factory=Resources)
+    parallel: SsrParallelConfig = field(default_factory=SsrParallelConfig)
 
 
 @dataclass
@@ -174,6 +211,14 @@ def validate(config: CascadeConfig) -> None:
         resources = section.resources
         _require(resources.num_gpus >= 0, f"stages.{stage_name}.resources.num_gpus", resources.num_gpus, "≥ 0")
         _require(resources.num_cpus >= 0, f"stages.{stage_name}.resources.num_cpus", resources.num_cpus, "≥ 0")
+        _require(
+            resources.num_cpus > 0 or resources.num_gpus > 0 or any(value > 0 for value in resources.custom.values()),
+            f"stages.{stage_name}.resources", OmegaConf.to_container(OmegaConf.structured(resources)),
+            "a rank must ask for some num_cpus, num_gpus or custom resource to be placed",
+        )
+        _require(section.parallel.placement in PLACEMENTS, f"stages.{stage_name}.parallel.placement",
+                 section.parallel.placement, f"one of {PLACEMENTS}")
+    validate_parallel(config)
     _require(
         base.dit.text_dim == base.text_encoder.d_model,
         "stages.base.dit.text_dim", base.dit.text_dim,
@@ -193,6 +238,28 @@ def validate(config: CascadeConfig) -> None:
     _require(out.contact_sheet_frames >= 1, "output.contact_sheet_frames", out.contact_sheet_frames, "≥ 1")
     _require(0 <= out.video_quality <= 51, "output.video_quality", out.video_quality, "an x264 CRF from 0 to 51")
     _require(out.max_prompts_in_flight >= 1, "output.max_prompts_in_flight", out.max_prompts_in_flight, "≥ 1")
+
+
+def validate_parallel(config: CascadeConfig) -> None:
+    """Checks the stages' rank counts against what their models can split."""
+    base = config.stages.base
+    split = base.parallel
+    for key in ("ulysses", "ring"):
+        _require(getattr(split, key) >= 1, f"stages.base.parallel.{key}", getattr(split, key), "at least 1")
+    _require(
+        base.dit.num_heads % split.ulysses == 0, "stages.base.parallel.ulysses", split.ulysses,
+        f"a divisor of the DiT's {base.dit.num_heads} attention heads "
+        f"({', '.join(str(d) for d in range(1, base.dit.num_heads + 1) if base.dit.num_heads % d == 0)})",
+    )
+    _require(split.cfg in (1, 2), "stages.base.parallel.cfg", split.cfg,
+             "1, or 2 to run the conditional and unconditional branches on two halves of the group")
+    _require(split.cfg == 1 or base.guidance_scale != 1, "stages.base.parallel.cfg", split.cfg,
+             "1 when guidance is off (stages.base.guidance_scale=1 leaves no unconditional branch)")
+    for stage_name in ("tsr", "ssr"):
+        frames = getattr(config.stages, stage_name).parallel.frames
+        _require(frames >= 1, f"stages.{stage_name}.parallel.frames", frames, "at least 1")
+    warmup = config.stages.ssr.parallel.warmup_frames
+    _require(warmup >= 0, "stages.ssr.parallel.warmup_frames", warmup, "≥ 0")
 
 
 def to_plain_dict(config: CascadeConfig) -> dict:

@@ -1,9 +1,12 @@
-"""The Ray side of the cascade: one actor per stage, the DAG that links them, and the loop that
-pipelines many prompts through it.
+"""The Ray side of the cascade: each stage's group of ranks, the DAG that links their leaders,
+and the loop that pipelines many prompts through it.
 
     request ──► base.run ──latents──► tsr.run ──frames──► ssr.run ──► MP4 bytes
                    │                     │                   │
                    └─ report             └─ report           └─ report      (previews, timings)
+
+A stage of several ranks (stages.<name>.parallel) is one node of the DAG all the same: its leader
+takes the call and brings in the other ranks (cascade/actors.py, cascade/groups.py).
 
 Each `dag.execute(request)` returns the three reports and the video as separate object refs, so the
 driver writes a stage's preview the moment that stage finishes. Actors run their calls in
@@ -22,6 +25,7 @@ from ray.dag import InputNode, MultiOutputNode
 
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig
+from cascade.groups import StageGroup, join_groups, start_group, stop_group
 from cascade.payload import Request
 
 log = logging.getLogger(__name__)
@@ -29,45 +33,34 @@ log = logging.getLogger(__name__)
 OUTPUTS = (*STAGE_NAMES, "video")  # what dag.execute returns refs to, in pipeline order
 
 
-def create_workers(config: CascadeConfig) -> dict[str, ray.actor.ActorHandle]:
-    """One actor per stage, each asking for its section's resources (and custom resources, which
-    is how stages are pinned to nodes of a cluster)."""
-    workers = {}
-    for name in STAGE_NAMES:
-        section = getattr(config.stages, name)
-        resources = section.resources
-        actor_class = ray.remote(StageWorker).options(
-            num_cpus=resources.num_cpus,
-            num_gpus=resources.num_gpus,
-            resources=dict(resources.custom) or None,
-            name=None,
-        )
-        workers[name] = actor_class.remote(name, section, config.output, encode_output=(name == "ssr"))
-    return workers
+def create_groups(config: CascadeConfig) -> dict[str, StageGroup]:
+    """Each stage's ranks: `parallel.world_size` actors, each asking for the section's resources
+    (custom resources pin stages to nodes of a cluster), kept together by a placement group."""
+    return {
+        name: start_group(StageWorker, name, getattr(config.stages, name).resources, getattr(config.stages, name).parallel,
+                          name, getattr(config.stages, name), config.output, encode_output=(name == "ssr"))
+        for name in STAGE_NAMES
+    }
 
 
-def load_workers(workers: dict[str, ray.actor.ActorHandle], patience_s: float = 30.0) -> dict[str, dict]:
-    """Builds every stage's models in parallel; re-raises the first stage's error (a
-    `WeightsError` stays a `WeightsError`). Says which stages are still waiting every
-    `patience_s` seconds: an actor whose resources no node offers waits forever."""
-    refs = {worker.load.remote(): name for name, worker in workers.items()}
-    waiting = list(refs)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=patience_s)
-        for ref in done:
-            ray.get(ref)  # raise a stage's load error now
-        if waiting:
-            names = ", ".join(refs[ref] for ref in waiting)
-            log.warning("still waiting for stage(s) %s to start and load: check that the cluster offers "
-                        "their resources (available now: %s)", names, ray.available_resources())
-    return {name: ray.get(ref) for ref, name in refs.items()}
+def load_groups(groups: dict[str, StageGroup], patience_s: float = 30.0) -> dict[str, dict]:
+    """Joins each stage's ranks and builds every model in parallel; re-raises the first rank's error
+    (a `WeightsError` stays a `WeightsError`). Returns each stage leader's rank, device, node, GPUs and
+    warnings. Says which stages are still waiting every `patience_s` seconds: a rank whose resources
+    no node has free waits for them."""
+    return {name: infos[0] for name, infos in join_groups(groups, "start", patience_s).items()}
 
 
-def build_dag(workers: dict[str, ray.actor.ActorHandle]) -> MultiOutputNode:
+def stop_groups(groups: dict[str, StageGroup]) -> None:
+    for group in groups.values():
+        stop_group(group)
+
+
+def build_dag(groups: dict[str, StageGroup]) -> MultiOutputNode:
     with InputNode() as request:
-        latents, base_report = workers["base"].run.bind(None, request)
-        frames, tsr_report = workers["tsr"].run.bind(latents, request)
-        video, ssr_report = workers["ssr"].run.bind(frames, request)
+        latents, base_report = groups["base"].leader.run.bind(None, request)
+        frames, tsr_report = groups["tsr"].leader.run.bind(latents, request)
+        video, ssr_report = groups["ssr"].leader.run.bind(frames, request)
         dag = MultiOutputNode([base_report, tsr_report, ssr_report, video])
     return dag
 

@@ -1,6 +1,6 @@
 """Shared fixtures. Starting Ray costs ~10 s, so the whole session shares one simulated two-node
 cluster: tests that need Ray in-process connect to it, CLI tests join it with --address, and the
-placement test pins stages to its nodes by custom resources."""
+placement tests pin stages to its nodes by custom resources and place ranks on its simulated GPUs."""
 
 from __future__ import annotations
 
@@ -29,13 +29,15 @@ FAST = ["stages.base.steps=3", "video.num_frames=9", "video.height=64", "video.w
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray cluster of two nodes, offering custom resources `node_a` and `node_b`."""
+    """A local Ray cluster of two nodes: node_a with 10 CPUs and 8 simulated GPUs (Ray hands out
+    their ids; torch sees none, so stages compute on the CPU), node_b with 8 CPUs; they offer the
+    custom resources `node_a` and `node_b`."""
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 8, "resources": {"node_a": 8}, "include_dashboard": False},
+        head_node_args={"num_cpus": 10, "num_gpus": 8, "resources": {"node_a": 8}, "include_dashboard": False},
     )
     cluster.add_node(num_cpus=8, resources={"node_b": 8})
     cluster.wait_for_nodes()

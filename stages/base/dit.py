@@ -13,18 +13,20 @@ float32 parts (time embedding, modulation, cross-attention norm, head) in float3
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import List, Mapping
+from typing import Callable, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.attention import attention
+from stages.parallel import SequenceParallel
 from stages.weights import WeightsError, load_into, read_state_dict
 
 ROPE_THETA = 10000.0
@@ -179,13 +181,24 @@ def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotations).flatten(3).to(x.dtype)
 
 
+def patchify(latents: torch.Tensor, patch_size: List[int]) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, L, C·pt·ph·pw): the patches in raster order (frame, row, column), each
+    flattened as the patch embedding's kernel is, (C, pt, ph, pw)."""
+    batch, channels, frames, height, width = latents.shape
+    patch_t, patch_h, patch_w = patch_size
+    x = latents.view(batch, channels, frames // patch_t, patch_t, height // patch_h, patch_h, width // patch_w, patch_w)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, T', H', W', C, pt, ph, pw)
+    return x.reshape(batch, -1, channels * patch_t * patch_h * patch_w)
+
+
 # --------------------------------------------------------------------------------------------------
 # Attention, block, head
 
 
 class WanAttention(nn.Module):
     """Multi-head attention with RMSNorm on queries and keys over the full width. Self-attention
-    passes `rope` and context = x; cross-attention passes the text as context and no `rope`."""
+    passes `rope` and context = x; cross-attention passes the text as context and no `rope`.
+    `attend(q, k, v)` is the attention kernel: plain, or sequence-parallel over shards of x."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float):
         super().__init__()
@@ -198,7 +211,8 @@ class WanAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor, rope: torch.Tensor | None = None,
+        attend: Callable[..., torch.Tensor] = attention,
     ) -> torch.Tensor:
         # x: (B, L, dim), context: (B, L_context, dim) -> (B, L, dim) in the weights' dtype
         dtype = self.q.weight.dtype
@@ -208,7 +222,7 @@ class WanAttention(nn.Module):
         v = self.v(context).unflatten(-1, (self.num_heads, -1))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(attend(q, k, v).flatten(2))
 
 
 class WanBlock(nn.Module):
@@ -227,14 +241,15 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(
-        self, x: torch.Tensor, time_modulation: torch.Tensor, text: torch.Tensor, rope: torch.Tensor
+        self, x: torch.Tensor, time_modulation: torch.Tensor, text: torch.Tensor, rope: torch.Tensor,
+        self_attention: Callable[..., torch.Tensor] = attention,
     ) -> torch.Tensor:
         # x: (B, L, dim) float32; time_modulation: (B, 6, dim) float32; text: (B, L_text, dim)
         shift_attn, scale_attn, gate_attn, shift_ffn, scale_ffn, gate_ffn = (
             self.modulation.float() + time_modulation
         ).chunk(6, dim=1)  # each (B, 1, dim)
         h = torch.addcmul(shift_attn, self.norm1(x), 1 + scale_attn)
-        x = torch.addcmul(x, self.self_attn(h, h, rope), gate_attn)
+        x = torch.addcmul(x, self.self_attn(h, h, rope, self_attention), gate_attn)
         x = x + self.cross_attn(self.norm3(x), text)
         h = torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)
         return torch.addcmul(x, self.ffn(h.to(self.ffn[0].weight.dtype)), gate_ffn)
@@ -307,25 +322,41 @@ class WanDiT(nn.Module):
             self._rope_cache[key] = rope_rotations(grid, self.config.head_dim).to(device)
         return self._rope_cache[key]
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+        sequence: Optional[SequenceParallel] = None,
+    ) -> torch.Tensor:
         """latents (B, in_dim, T, H, W), timestep (B,) in [0, 1000], text (B, text_len, text_dim)
         already zero-padded -> velocity (B, out_dim, T, H, W) float32. Inputs of any float dtype
-        are cast to the weights' dtype inside."""
+        are cast to the weights' dtype inside.
+
+        With `sequence` (stages/parallel.py) every rank of its group passes the same inputs and gets
+        the same velocity, each computing the blocks and the head on its own shard of the tokens."""
         self._check_inputs(latents, timestep, text)
         batch, _, frames, height, width = latents.shape
         patch_t, patch_h, patch_w = self.config.patch_size
         grid = (frames // patch_t, height // patch_h, width // patch_w)
 
-        x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))  # (B, dim, T', H', W')
-        x = x.flatten(2).transpose(1, 2).float().contiguous()  # (B, L, dim) float32
+        # The patch embedding is a convolution whose stride is its kernel: a linear map of each
+        # patch, applied here to the patches of this rank's tokens only.
+        x = patchify(latents, self.config.patch_size)  # (B, L, in_dim·patch volume)
+        rope = self.rope(grid, latents.device)  # (L, 1, head_dim/2)
+        self_attention = attention
+        if sequence is not None:  # this rank's tokens, at their global positions
+            tokens = x.shape[1]
+            x, rope = sequence.shard(x, dim=1), sequence.shard(rope, dim=0)  # (B, L/P, ·), (L/P, 1, ·)
+            self_attention = functools.partial(sequence.attention, length=tokens)
+        embedding = self.patch_embedding
+        x = F.linear(x.to(embedding.weight.dtype), embedding.weight.flatten(1), embedding.bias).float()  # (B, L or L/P, dim)
         time_embedding = self.time_embedding(timestep_embedding(timestep, self.config.freq_dim))  # (B, dim)
         time_modulation = self.time_projection(time_embedding).unflatten(1, (6, -1))  # (B, 6, dim)
         text = self.text_embedding(text.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
-        rope = self.rope(grid, latents.device)
 
         for block in self.blocks:
-            x = block(x, time_modulation, text, rope)
+            x = block(x, time_modulation, text, rope, self_attention)
         x = self.head(x, time_embedding)  # (B, L, out_dim·patch_t·patch_h·patch_w)
+        if sequence is not None:
+            x = sequence.gather(x, tokens, dim=1)
 
         x = x.view(batch, *grid, patch_t, patch_h, patch_w, self.config.out_dim)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T', patch_t, H', patch_h, W', patch_w)

@@ -1,7 +1,11 @@
 """The base stage: prompt -> text embeddings -> DiT denoised by a flow-matching sampler with
 classifier-free guidance -> latents `(1, 16, 1 + (T−1)/4, H/8, W/8)`.
 
-The stage only wires the models to the sampling math in flows/; it knows nothing of Ray.
+The stage only wires the models to the sampling math in flows/; it knows nothing of Ray. Given a
+`DiTParallel` (stages/parallel.py), every rank of the group runs the same call: the leader alone
+holds the text encoder and broadcasts the prompt embeddings, every rank draws the same noise from the
+seed and runs the same sampler, and each DiT call is split over the group, which returns the whole
+velocity to every rank. The leader returns the clip, the other ranks None.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from cascade.payload import Clip, Request
 from flows import flow_sigmas, get_sampler, guided_velocity
 from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
+from stages.parallel import DiTParallel
 from stages.weights import dtype_from_name, load_or_init
 
 TIME_COMPRESSION, SPACE_COMPRESSION = 4, 8  # Wan VAE: 1 + 4k frames -> 1 + k latent frames, 8× space
@@ -39,24 +44,28 @@ class BaseStageConfig:
 
 
 class BaseStage:
-    def __init__(self, config: BaseStageConfig, device: str = "cpu"):
+    def __init__(self, config: BaseStageConfig, device: str = "cpu", parallel: Optional[DiTParallel] = None):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype_from_name(config.dtype)
+        self.parallel = parallel
+        self.is_leader = parallel is None or parallel.world.is_leader
         self.warnings: list[str] = []
-        self.text_encoder = load_or_init(
-            config.text_encoder_weights,
-            lambda path: TextEncoder.from_pretrained(path, config.text_encoder, dtype=self.dtype),
-            lambda: TextEncoder(config.text_encoder).to(self.dtype),
-            "the text encoder", "stages.base.text_encoder_weights", self.warnings,
-        ).eval()
+        self.text_encoder = None  # only the leader encodes prompts
+        if self.is_leader:
+            self.text_encoder = load_or_init(
+                config.text_encoder_weights,
+                lambda path: TextEncoder.from_pretrained(path, config.text_encoder, dtype=self.dtype),
+                lambda: TextEncoder(config.text_encoder).to(self.dtype),
+                "the text encoder", "stages.base.text_encoder_weights", self.warnings,
+            ).eval()
+            self.text_encoder.to("cpu" if config.offload_text_encoder else self.device)
         self.dit = load_or_init(
             config.dit_weights,
             lambda path: WanDiT.from_pretrained(path, config.dit, dtype=self.dtype),
             lambda: WanDiT(config.dit).to(self.dtype),
             "the DiT", "stages.base.dit_weights", self.warnings,
         ).eval().to(self.device)
-        self.text_encoder.to("cpu" if config.offload_text_encoder else self.device)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -77,21 +86,33 @@ class BaseStage:
             request.width // SPACE_COMPRESSION,
         )
 
+    def prompt_embeddings(self, request: Request, notes: dict) -> torch.Tensor:
+        """(2, text_len, text_dim): the prompt's and the negative prompt's embeddings, encoded by the
+        leader and broadcast to the group."""
+        embeddings = None
+        if self.is_leader:
+            limit = self.config.text_encoder.text_len
+            tokens = self.text_encoder.token_count(request.prompt)
+            if tokens > limit:
+                notes["prompt_truncated"] = f"prompt has {tokens} tokens, the text encoder takes {limit}: truncated"
+            embeddings = self.encode_prompts([request.prompt, request.negative_prompt])
+        if self.parallel is not None:
+            dit = self.config.dit
+            embeddings = self.parallel.broadcast(embeddings, (2, dit.text_len, dit.text_dim), self.dtype)
+        return embeddings
+
     @torch.no_grad()
     def __call__(
         self, clip: Optional[Clip], request: Request, progress: Optional[Callable[[int, int], None]] = None
-    ) -> Clip:
+    ) -> Optional[Clip]:
         config = self.config
         notes = {}
-        limit = config.text_encoder.text_len
-        tokens = self.text_encoder.token_count(request.prompt)
-        if tokens > limit:
-            notes["prompt_truncated"] = f"prompt has {tokens} tokens, the text encoder takes {limit}: truncated"
-        condition, uncondition = self.encode_prompts([request.prompt, request.negative_prompt]).chunk(2)
+        condition, uncondition = self.prompt_embeddings(request, notes).chunk(2)
+        run_dit = self.dit if self.parallel is None else lambda *inputs: self.parallel.forward(self.dit, *inputs)
 
         def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
             timestep = (sigma * TRAINING_TIMESTEPS).expand(x.shape[0]).to(self.device, torch.float32)
-            return self.dit(x.to(self.dtype), timestep, text).float()
+            return run_dit(x.to(self.dtype), timestep, text).float()
 
         velocity = guided_velocity(dit_velocity, condition, uncondition, config.guidance_scale)
         generator = torch.Generator().manual_seed(request.seed)  # CPU noise: the same on any device
@@ -103,4 +124,6 @@ class BaseStage:
                 progress(step["i"] + 1, config.steps)
 
         latents = get_sampler(config.sampler)(velocity, noise, sigmas, callback=report)  # (1, 16, T', h, w)
+        if not self.is_leader:
+            return None
         return Clip(latents.float().cpu().numpy().astype(np.float32), "latent", request.fps, request, notes)

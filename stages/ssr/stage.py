@@ -2,6 +2,12 @@
 
 The upsampler is recurrent (each frame sees the previous frame's output), so every video of the
 clip is processed frame by frame in order; the videos of a batch go through together.
+
+Given a group of ranks (stages/parallel.py), the frames are split into one contiguous range per
+rank. A rank's recurrence cannot start from the true previous output, which the rank before it is
+still computing, so it starts `warmup_frames` earlier and drops those outputs: the state carried in
+is then built from the same frames, and the split's effect on the video is what docs/PARALLEL.md
+measures. Every rank runs the same call; the leader returns the clip, the others None.
 """
 
 from __future__ import annotations
@@ -9,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from cascade.payload import Clip, Request
+from stages.parallel import SINGLE_RANK, RankGroup, broadcast_shape, map_frame_ranges, split_evenly
 from stages.pixels import to_model_range, to_uint8
 from stages.ssr.upsampler import WaveletUpsampler, WaveletUpsamplerConfig, upsample_frames
 from stages.weights import dtype_from_name, load_into, load_or_init, read_state_dict, shipped_weights_path
@@ -50,28 +56,47 @@ def load_upsampler(config: SsrStageConfig, warnings: list[str]) -> WaveletUpsamp
 
 
 class SsrStage:
-    def __init__(self, config: SsrStageConfig, device: str = "cpu"):
+    def __init__(
+        self, config: SsrStageConfig, device: str = "cpu", ranks: RankGroup = SINGLE_RANK, warmup_frames: int = 0
+    ):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype_from_name(config.dtype)
+        self.ranks = ranks
+        self.warmup_frames = warmup_frames  # frames each rank's recurrence runs before its range
         self.warnings: list[str] = []
         self.upsampler = load_upsampler(config, self.warnings).to(self.device, self.dtype)
 
     @torch.no_grad()
-    def __call__(
-        self, clip: Clip, request: Request, progress: Optional[Callable[[int, int], None]] = None
-    ) -> Clip:
-        if clip.space != "pixel":
-            raise ValueError(f"the ssr stage takes a pixel clip, got a {clip.space!r} one")
-        batch, _, count, height, width = clip.shape
+    def upsample(self, frames: torch.Tensor, skip: int, progress: Optional[Callable[[int, int], None]]) -> torch.Tensor:
+        """(B, 3, T, H, W) uint8 -> (B, 3, T − skip, scale·H, scale·W) uint8: the frames in order
+        through the recurrence, the first `skip` outputs (the warm-up) dropped."""
+        batch, _, count, height, width = frames.shape
         scale = self.config.upsampler.scale
-        output = np.empty((batch, 3, count, height * scale, width * scale), dtype=np.uint8)
-        frames = (  # frame t of every video, (B, 3, H, W) in [-1, 1]
-            to_model_range(torch.from_numpy(np.ascontiguousarray(clip.data[:, :, index])).to(self.device), self.dtype)
-            for index in range(count)
-        )
-        for index, upsampled in enumerate(upsample_frames(self.upsampler, frames)):
-            output[:, :, index] = to_uint8(upsampled).cpu().numpy()
+        output = torch.empty((batch, 3, count - skip, height * scale, width * scale), dtype=torch.uint8, device=self.device)
+        inputs = (to_model_range(frames[:, :, index], self.dtype) for index in range(count))  # (B, 3, H, W) in [-1, 1]
+        for index, upsampled in enumerate(upsample_frames(self.upsampler, inputs)):
+            if index >= skip:
+                output[:, :, index - skip] = to_uint8(upsampled)
             if progress is not None:
                 progress(index + 1, count)
-        return Clip(output, "pixel", clip.fps, request)
+        return output
+
+    @torch.no_grad()
+    def __call__(
+        self, clip: Optional[Clip], request: Request, progress: Optional[Callable[[int, int], None]] = None
+    ) -> Optional[Clip]:
+        if self.ranks.is_leader and clip.space != "pixel":
+            raise ValueError(f"the ssr stage takes a pixel clip, got a {clip.space!r} one")
+        count = broadcast_shape(clip.shape if self.ranks.is_leader else None, self.ranks)[2]
+        ranges = split_evenly(count, self.ranks.size)
+        inputs = [range(max(part.start - self.warmup_frames, 0), part.stop) if len(part) else part for part in ranges]
+
+        def compute(frames: torch.Tensor, rank: int) -> torch.Tensor:
+            return self.upsample(frames, ranges[rank].start - inputs[rank].start, progress if rank == 0 else None)
+
+        frames = torch.from_numpy(clip.data.copy()).to(self.device) if self.ranks.is_leader else None
+        output = map_frame_ranges(compute, frames, inputs, 2, torch.uint8, self.ranks)
+        if output is None:
+            return None
+        return Clip(output.cpu().numpy(), "pixel", clip.fps, request)

@@ -6,6 +6,11 @@ classical-flow one (no weights); both take any factor, since both are conditione
 
 T decoded frames become (T − 1)·factor + 1: factor − 1 new frames between each pair, the decoded
 frames kept exactly.
+
+Given a group of ranks (stages/parallel.py), the leader alone holds the VAE and decodes (the causal
+cache makes decoding sequential in time); the frame pairs, which interpolate independently, are
+split into one contiguous range per rank, and the leader gathers the result. Every rank runs the
+same call; the leader returns the clip, the others None.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from cascade.payload import Clip, Request
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
+from stages.parallel import SINGLE_RANK, RankGroup, broadcast_shape, map_frame_ranges, split_evenly
 from stages.pixels import to_model_range, to_uint8
 from stages.tsr.flow import ClassicalFlowConfig
 from stages.tsr.interpolator import ClassicalFlowInterpolator, FrameInterpolator, interpolate_frames
@@ -57,17 +63,20 @@ def make_interpolator(config: TsrStageConfig, warnings: list[str], device: str =
 
 
 class TsrStage:
-    def __init__(self, config: TsrStageConfig, device: str = "cpu"):
+    def __init__(self, config: TsrStageConfig, device: str = "cpu", ranks: RankGroup = SINGLE_RANK):
         self.config = config
         self.device = torch.device(device)
         self.dtype = dtype_from_name(config.dtype)
+        self.ranks = ranks
         self.warnings: list[str] = []
-        self.vae = load_or_init(
-            config.vae_weights,
-            lambda path: WanVAE.from_pretrained(path, config.vae, dtype=self.dtype),
-            lambda: WanVAE(config.vae).to(self.dtype),
-            "the VAE", "stages.tsr.vae_weights", self.warnings,
-        ).eval().to(self.device)
+        self.vae = None  # only the leader decodes
+        if ranks.is_leader:
+            self.vae = load_or_init(
+                config.vae_weights,
+                lambda path: WanVAE.from_pretrained(path, config.vae, dtype=self.dtype),
+                lambda: WanVAE(config.vae).to(self.dtype),
+                "the VAE", "stages.tsr.vae_weights", self.warnings,
+            ).eval().to(self.device)
         self.interpolator = make_interpolator(config, self.warnings, device)
 
     @torch.no_grad()
@@ -75,30 +84,52 @@ class TsrStage:
         """(1, 16, T', h, w) latents -> (T, 3, H, W) uint8 frames, one latent frame at a time."""
         chunks = []
         for done, chunk in enumerate(self.vae.iter_decode(latents.to(self.device, self.dtype)), start=1):
-            chunks.append(to_uint8(chunk[0].transpose(0, 1)).cpu())  # (t, 3, H, W)
+            chunks.append(to_uint8(chunk[0].transpose(0, 1)))  # (t, 3, H, W)
             progress(done)
         return torch.cat(chunks)
 
     @torch.no_grad()
+    def interpolate(
+        self, frames: Optional[torch.Tensor], count: int, progress: Callable[[int, int], None]
+    ) -> Optional[torch.Tensor]:
+        """The leader's (count, 3, H, W) uint8 frames -> ((count − 1)·factor + 1, 3, H, W), the pairs
+        split over the ranks (rank k gets the frames of its pairs; each range's last frame, which
+        starts the next range, is kept only by the last). Others pass and return None."""
+        factor = self.config.factor
+        pairs = split_evenly(count - 1, self.ranks.size)
+        # a rank's frames are those of its pairs; the leader has at least the first frame
+        inputs = [range(part.start, part.stop + 1) if len(part) or rank == 0 else part for rank, part in enumerate(pairs)]
+
+        def compute(local: torch.Tensor, rank: int) -> torch.Tensor:
+            report = progress if rank == 0 else None
+            output = to_uint8(interpolate_frames(to_model_range(local), factor, self.interpolator, progress=report))
+            return output if pairs[rank].stop >= count - 1 else output[:-1]
+
+        return map_frame_ranges(compute, frames, inputs, 0, torch.uint8, self.ranks)
+
+    @torch.no_grad()
     def __call__(
-        self, clip: Clip, request: Request, progress: Optional[Callable[[int, int], None]] = None
-    ) -> Clip:
-        if clip.space != "latent":
+        self, clip: Optional[Clip], request: Request, progress: Optional[Callable[[int, int], None]] = None
+    ) -> Optional[Clip]:
+        if self.ranks.is_leader and clip.space != "latent":
             raise ValueError(f"the tsr stage takes a latent clip, got a {clip.space!r} one")
-        latent_frames = clip.num_frames
-        decoded_frames = 1 + 4 * (latent_frames - 1)
-        total = latent_frames + max(decoded_frames - 1, 0)  # decode steps + interpolated pairs
+        shape = broadcast_shape(clip.shape if self.ranks.is_leader else None, self.ranks)
+        batch, latent_frames = shape[0], shape[2]
+        decoded_frames = 1 + 2 ** sum(self.config.vae.temporal_downsample) * (latent_frames - 1)
+        own_pairs = len(split_evenly(decoded_frames - 1, self.ranks.size)[0])
+        total = latent_frames + own_pairs  # the leader's progress: decode steps + its interpolated pairs
         report = progress or (lambda done, total: None)
 
         videos = []
-        for latents in torch.from_numpy(clip.data.copy()).split(1):  # one video of the batch at a time
-            frames = self.decode(latents, lambda done: report(done, total))
-            frames = interpolate_frames(
-                to_model_range(frames).to(self.device),
-                self.config.factor,
-                self.interpolator,
-                progress=lambda pairs, _: report(latent_frames + pairs, total),
-            )
-            videos.append(to_uint8(frames).transpose(0, 1).cpu())  # (3, T, H, W)
+        for index in range(batch):  # one video of the batch at a time
+            frames = None
+            if self.ranks.is_leader:
+                latents = torch.from_numpy(clip.data[index:index + 1].copy())
+                frames = self.decode(latents, lambda done: report(done, total))
+            frames = self.interpolate(frames, decoded_frames, lambda pairs, _: report(latent_frames + pairs, total))
+            if frames is not None:
+                videos.append(frames.transpose(0, 1).cpu())  # (3, T, H, W)
+        if not self.ranks.is_leader:
+            return None
         data = torch.stack(videos).numpy()
         return Clip(data, "pixel", clip.fps * self.config.factor, request, {"decoded_frames": decoded_frames})

@@ -1,0 +1,207 @@
+"""A stage's ranks on Ray: one actor per rank, kept together by a placement group and joined into
+one torch.distributed group (NCCL on GPUs, gloo on CPUs), so that they compute as one model.
+
+    placement group [bundle 0 | bundle 1 | … ]       each bundle: the stage's `resources`
+                       │          │
+                    rank 0     rank 1   …            actors; rank 0 leads: it is the stage's node of
+                       └─ TCP store ─┘               the graph and starts the others' part of each call
+
+A group of one rank is the same with no torch.distributed group. `check_placement` tells, before any
+actor starts, whether the cluster could ever place every group; `start_group` and `join_groups`
+start the ranks, join them and load their models.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cascade.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer than this fails
+EPSILON = 1e-9  # fractional resources (0.5 GPU) compare with a tolerance
+
+
+def rank_bundle(resources) -> dict[str, float]:
+    """What one rank asks for, as a placement-group bundle: {"CPU": …, "GPU": …, custom…}."""
+    bundle = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
+    return {key: float(value) for key, value in bundle.items() if value > 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# Can the cluster place the groups?
+
+
+def _fits(bundle: dict[str, float], node: dict[str, float], count: int = 1) -> bool:
+    return all(node.get(key, 0.0) + EPSILON >= count * value for key, value in bundle.items())
+
+
+def _copies_on(bundle: dict[str, float], node: dict[str, float]) -> int:
+    return min(int((node.get(key, 0.0) + EPSILON) // value) for key, value in bundle.items())
+
+
+def _describe(resources: dict[str, float]) -> str:
+    shown = {key: (int(value) if float(value).is_integer() else value) for key, value in sorted(resources.items())
+             if key in ("CPU", "GPU") or not (key.startswith("node:") or key in ("memory", "object_store_memory"))}
+    return "{" + ", ".join(f"{key}: {value}" for key, value in shown.items()) + "}"
+
+
+def placement_problem(key: str, bundle: dict[str, float], count: int, strategy: str,
+                      nodes: list[dict[str, float]]) -> str | None:
+    """Why `count` bundles placed with `strategy` can never fit nodes of these total resources, or
+    None when they can. `key` names the config section in the message."""
+    ask = f"{key} asks for {count} rank(s) of {_describe(bundle)}"
+    if strategy == "STRICT_PACK":
+        if any(_fits(bundle, node, count) for node in nodes):
+            return None
+        total = {name: value * count for name, value in bundle.items()}
+        largest = max(nodes, key=lambda node: _copies_on(bundle, node), default={})
+        return (f"{ask} on one node (placement STRICT_PACK), {_describe(total)} in all, but no node offers "
+                f"that (the best offers {_describe(largest)}): use fewer ranks or {key}.placement=PACK")
+    if sum(_copies_on(bundle, node) for node in nodes) >= count:
+        return None
+    offered = {name: sum(node.get(name, 0.0) for node in nodes) for name in bundle}
+    return f"{ask} (placement {strategy}), but the whole cluster offers {_describe(offered)}: use fewer ranks"
+
+
+def check_placement(config) -> None:
+    """Raises `UserError` naming the first stage whose ranks the connected Ray cluster can never
+    place (by its nodes' total resources), alone or together with the other stages."""
+    from cascade.actors import STAGE_NAMES
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    needed: dict[str, float] = {}
+    for name in STAGE_NAMES:
+        section = getattr(config.stages, name)
+        bundle, count = rank_bundle(section.resources), section.parallel.world_size
+        problem = placement_problem(f"stages.{name}.parallel", bundle, count, section.parallel.placement, nodes)
+        if problem:
+            raise UserError(problem)
+        for key, value in bundle.items():
+            needed[key] = needed.get(key, 0.0) + count * value
+    offered = {key: sum(node.get(key, 0.0) for node in nodes) for key in needed}
+    short = {key: value for key, value in needed.items() if offered[key] + EPSILON < value}
+    if short:
+        raise UserError(
+            f"the stages' ranks together ask for {_describe(needed)}, but the cluster offers "
+            f"{_describe(offered)}: lower stages.<stage>.parallel or stages.<stage>.resources"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# One rank of a group
+
+
+class GroupMember:
+    """What an actor needs to be one rank of a torch.distributed group; the actor class sets
+    `rank`, `world_size` and `device` ("cpu" or "cuda")."""
+
+    rank: int
+    world_size: int
+    device: str
+
+    def open_rendezvous(self) -> tuple[str, int]:
+        """Rank 0: starts the group's key-value store on a free port of this node; (host, port)."""
+        import torch.distributed as dist
+
+        host = ray.util.get_node_ip_address()
+        self._store = dist.TCPStore(host, 0, self.world_size, is_master=True, timeout=GROUP_TIMEOUT,
+                                    wait_for_workers=False)
+        return host, self._store.port
+
+    def join_group(self, host: str, port: int) -> None:
+        """Joins the default torch.distributed group of this process (every rank at once)."""
+        import torch
+        import torch.distributed as dist
+
+        store = getattr(self, "_store", None) or dist.TCPStore(host, port, self.world_size, is_master=False,
+                                                                timeout=GROUP_TIMEOUT)
+        backend = "gloo"
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(0)  # Ray shows each rank its own GPU as device 0
+            backend = "nccl"
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=GROUP_TIMEOUT)
+
+
+@dataclass
+class StageGroup:
+    """One stage's ranks: actors in rank order (rank 0 leads) and the placement group holding them."""
+
+    name: str
+    ranks: list  # ray.actor.ActorHandle, rank order
+    placement: PlacementGroup
+
+    @property
+    def leader(self):
+        return self.ranks[0]
+
+
+def start_group(actor_class: type, name: str, resources, parallel, *args: Any, **kwargs: Any) -> StageGroup:
+    """Starts `parallel.world_size` actors of `actor_class` (constructed with `*args`, `rank=`,
+    `world_size=` and `**kwargs`) in one placement group of `parallel.placement`; returns at once
+    (the actors start when the group is placed)."""
+    count = parallel.world_size
+    group = placement_group([rank_bundle(resources)] * count, strategy=parallel.placement)
+    actor = ray.remote(actor_class)
+    ranks = [
+        actor.options(
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            resources=dict(resources.custom) or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+        ).remote(*args, rank=rank, world_size=count, **kwargs)
+        for rank in range(count)
+    ]
+    return StageGroup(name, ranks, group)
+
+
+def wait_patiently(refs: list, labels: list[str], patience_s: float, what: str) -> list:
+    """ray.get of every ref, raising the first error at once; says which (by label) are still
+    waiting every `patience_s` seconds (an actor whose resources no node has free waits)."""
+    label_of = dict(zip(refs, labels))
+    waiting = list(refs)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=patience_s)
+        for ref in done:
+            ray.get(ref)  # a failure is raised now, not after the others
+        if waiting:
+            log.warning("still waiting for %s to %s: check that the cluster has their resources free "
+                        "(available now: %s)", ", ".join(label_of[ref] for ref in waiting), what,
+                        ray.available_resources())
+    return ray.get(refs)
+
+
+def join_groups(groups: dict[str, StageGroup], method: str = "start", patience_s: float = 30.0) -> dict[str, list]:
+    """Joins each group's ranks into one torch.distributed group and calls `method(address, peers)`
+    on every rank at once (address None for a group of one rank; the leader gets the other ranks'
+    handles as peers); returns each group's results in rank order. Errors of any rank are raised."""
+    grouped = [name for name, group in groups.items() if len(group.ranks) > 1]
+    opened = wait_patiently([groups[name].leader.open_rendezvous.remote() for name in grouped],
+                            [f"{name} rank 0" for name in grouped], patience_s, "start")
+    addresses = dict(zip(grouped, opened))
+    refs, labels, owners = [], [], []
+    for name, group in groups.items():
+        for rank, actor in enumerate(group.ranks):
+            refs.append(getattr(actor, method).remote(addresses.get(name), group.ranks[1:] if rank == 0 else []))
+            labels.append(f"{name} rank {rank}" if len(group.ranks) > 1 else name)
+            owners.append(name)
+    results: dict[str, list] = {name: [] for name in groups}
+    for name, value in zip(owners, wait_patiently(refs, labels, patience_s, "start and load")):
+        results[name].append(value)
+    return results
+
+
+def stop_group(group: StageGroup) -> None:
+    """Kills the ranks and frees their placement group."""
+    for actor in group.ranks:
+        ray.kill(actor)
+    remove_placement_group(group.placement)
