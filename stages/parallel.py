@@ -33,7 +33,7 @@ from torch import Tensor
 
 from stages.attention import attention
 
-ATTENTION_CHUNK_BYTES = 256 * 2**20  # bound on the float32 scores of one query chunk in attention_with_lse
+ATTENTION_CHUNK_BYTES = 64 * 2**20  # bound on the float32 scores of one query chunk in attention_with_lse
 MAX_DIMS = 8  # tensors sent with a shape header have at most this many dimensions
 
 
