@@ -93,9 +93,10 @@ def start_ray(address: str | None, config) -> None:
             raise UserError(f"cannot join the Ray cluster at {address}: {error}") from None
         log.info("joined the Ray cluster at %s", address)
         return
+    from cascade.groups import requested_resources
+
     # A local Ray offers at least the CPU slots the stages' ranks ask for, even on a 2-core laptop.
-    asked = sum(getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).parallel.world_size
-                for name in ("base", "tsr", "ssr"))
+    asked = requested_resources(config).get("CPU", 0.0)
     context = ray.init(
         address="local",  # a new local Ray, even if another one runs on this machine
         num_cpus=max(os.cpu_count() or 1, math.ceil(asked)),
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from cascade.config import load_config, to_plain_dict
-    from cascade.graph import build_dag, create_groups, load_groups, run_pipelined, stop_groups
+    from cascade.graph import create_pools, load_pools, run_pipelined, stop_pools
     from cascade.groups import check_placement
     from cascade.outputs import RunWriter, check_writable, software_versions
 
@@ -139,18 +140,18 @@ def run(args: argparse.Namespace) -> int:
     requests = make_requests(prompts, config, args.seed)
 
     start_ray(args.address, config)
-    groups = {}
+    pools = {}
     try:
         check_placement(config)
-        groups = create_groups(config)
-        loaded = load_groups(groups)
-        warnings = [f"{stage}: {warning}" for stage, info in loaded.items() for warning in info["warnings"]]
+        pools = create_pools(config)
+        loaded = load_pools(pools)
+        warnings = [f"{stage}: {warning}" for stage, leaders in loaded.items() for warning in leaders[0]["warnings"]]
         for warning in warnings:
             log.warning("WARNING %s", warning)
         manifest_base = {
             "config": to_plain_dict(config),
             "warnings": warnings,
-            "devices": {stage: info["device"] for stage, info in loaded.items()},
+            "devices": {stage: [leader["device"] for leader in leaders] for stage, leaders in loaded.items()},
             "software": software_versions(),
         }
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -161,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
 
         def on_report(request, report) -> None:
             writers[request.index].add_report(report)
-            log.info("prompt %d: %s done in %.1f s on %s", request.index, report.stage, report.wall_time_s, report.device)
+            log.info("prompt %d: %s done in %.1f s on %s (replica %d)", request.index, report.stage, report.wall_time_s,
+                     report.device, report.replica)
 
         def on_done(result) -> None:
             folder = writers[result.request.index].finish(result.video, result.error, result.failed_stage)
@@ -172,12 +174,12 @@ def run(args: argparse.Namespace) -> int:
                 log.error("prompt %d failed in %s: %s (manifest: %s)", result.request.index, result.failed_stage,
                           str(cause).strip().splitlines()[-1], folder / "manifest.json")
 
-        results = run_pipelined(build_dag(groups), requests, config.output.max_prompts_in_flight, on_report, on_done)
+        results = run_pipelined(pools, requests, config.output.max_prompts_in_flight, on_report, on_done)
     finally:
         if args.address is None:
             ray.shutdown()
         elif ray.is_initialized():
-            stop_groups(groups)  # free the cluster's resources now, not when the job ends
+            stop_pools(pools)  # free the cluster's resources now, not when the job ends
     return 0 if all(result.error is None for result in results) else 1
 
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ray  # noqa: E402
 
 from cascade.config import load_config  # noqa: E402
-from cascade.graph import build_dag, create_groups, load_groups, run_pipelined  # noqa: E402
+from cascade.graph import create_pools, load_pools, run_pipelined  # noqa: E402
+from cascade.groups import requested_resources  # noqa: E402
 from run_cascade import make_requests  # noqa: E402
 
 PROMPTS = [
@@ -37,17 +38,15 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     config = load_config(None, args.overrides)
-    asked = sum(getattr(config.stages, name).resources.num_cpus * getattr(config.stages, name).parallel.world_size
-                for name in ("base", "tsr", "ssr"))
+    asked = requested_resources(config).get("CPU", 0.0)
 
     started = time.perf_counter()
     ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(asked)), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     started = time.perf_counter()
-    groups = create_groups(config)
-    load_groups(groups)
+    pools = create_pools(config)
+    load_pools(pools)
     actors_start = time.perf_counter() - started
-    dag = build_dag(groups)
 
     prompts = (PROMPTS * math.ceil(args.prompts / len(PROMPTS)))[: args.prompts]
     requests = make_requests(prompts, config, seed=0)
@@ -55,7 +54,7 @@ def main() -> None:
     def timed(batch, in_flight):
         reports = []
         started = time.perf_counter()
-        results = run_pipelined(dag, batch, in_flight, lambda request, report: reports.append(report), lambda result: None)
+        results = run_pipelined(pools, batch, in_flight, lambda request, report: reports.append(report), lambda result: None)
         assert all(result.error is None for result in results), [result.error for result in results]
         return time.perf_counter() - started, reports
 

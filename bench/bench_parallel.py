@@ -391,7 +391,7 @@ def stages_table() -> None:
 def cascade_table(runs: int) -> None:
     """The tiny cascade (default config) with the base stage on 1 and 2 ranks: stage times."""
     from cascade.config import load_config
-    from cascade.graph import build_dag, create_groups, load_groups, run_pipelined, stop_groups
+    from cascade.graph import create_pools, load_pools, run_pipelined, stop_pools
     from run_cascade import make_requests
 
     print("| base stage | base wall (s, median) | tsr | ssr | one prompt through the cascade (s, median) |")
@@ -399,20 +399,19 @@ def cascade_table(runs: int) -> None:
     for label, overrides in (("1 rank", []), ("2 ranks, Ulysses 2", ["stages.base.parallel.ulysses=2"]),
                              ("2 ranks, CFG 2", ["stages.base.parallel.cfg=2"])):
         config = load_config(None, overrides)
-        groups = create_groups(config)
+        pools = create_pools(config)
         try:
-            load_groups(groups)
-            dag = build_dag(groups)
+            load_pools(pools)
             requests = make_requests(["一个红色的球向右滚动"], config, seed=5)
-            run_pipelined(dag, requests, 1, lambda request, report: None, lambda result: None)  # warm-up
+            run_pipelined(pools, requests, 1, lambda request, report: None, lambda result: None)  # warm-up
             walls, stages = [], {"base": [], "tsr": [], "ssr": []}
             for _ in range(runs):
                 started = time.perf_counter()
-                run_pipelined(dag, requests, 1, lambda request, report: stages[report.stage].append(report.wall_time_s),
+                run_pipelined(pools, requests, 1, lambda request, report: stages[report.stage].append(report.wall_time_s),
                               lambda result: None)
                 walls.append(time.perf_counter() - started)
         finally:
-            stop_groups(groups)
+            stop_pools(pools)
         median = {stage: statistics.median(times) for stage, times in stages.items()}
         print(f"| {label} | {median['base']:.2f} | {median['tsr']:.2f} | {median['ssr']:.2f} | {statistics.median(walls):.2f} |")
 

@@ -59,6 +59,7 @@ def build_stage(name: str, section, device: str, grouped: bool = False):
 @dataclass(frozen=True)
 class StageReport:
     stage: str
+    replica: int  # which of the stage's replicas ran the call
     prompt_index: int
     input_shape: Optional[tuple]
     output_shape: tuple
@@ -112,15 +113,15 @@ def _progress_bar_factory() -> Callable:
 
 
 class StageWorker(GroupMember):
-    def __init__(self, name: str, section, output_config, encode_output: bool = False, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, name: str, section, output_config, encode_output: bool = False, replica: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if name not in STAGE_NAMES:
             raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
         self.name = name
         self.section = section
         self.output_config = output_config
         self.encode_output = encode_output
-        self.rank, self.world_size = rank, world_size
+        self.replica, self.rank, self.world_size = replica, rank, world_size
         self.peers: list = []  # the leader's handles of ranks 1, 2, …
         self.stage = None
         self.device = _device_for(section.resources.num_gpus)
@@ -170,6 +171,7 @@ class StageWorker(GroupMember):
         out = self.output_config
         report = StageReport(
             stage=self.name,
+            replica=self.replica,
             prompt_index=request.index,
             input_shape=clip.shape if clip is not None else None,
             output_shape=output.shape,

@@ -86,18 +86,21 @@ class VideoConfig:
 class BaseSection(BaseStageConfig):
     resources: Resources = field(default_factory=Resources)  # of each rank
     parallel: DiTParallelConfig = field(default_factory=DiTParallelConfig)
+    replicas: int = 1  # copies of the stage (each a group of parallel.world_size ranks)
 
 
 @dataclass
 class TsrSection(TsrStageConfig):
     resources: Resources = field(default_factory=Resources)
     parallel: FrameParallelConfig = field(default_factory=FrameParallelConfig)
+    replicas: int = 1
 
 
 @dataclass
 class SsrSection(SsrStageConfig):
     resources: Resources = field(default_factory=Resources)
     parallel: SsrParallelConfig = field(default_factory=SsrParallelConfig)
+    replicas: int = 1
 
 
 @dataclass
@@ -218,6 +221,7 @@ def validate(config: CascadeConfig) -> None:
         )
         _require(section.parallel.placement in PLACEMENTS, f"stages.{stage_name}.parallel.placement",
                  section.parallel.placement, f"one of {PLACEMENTS}")
+        _require(section.replicas >= 1, f"stages.{stage_name}.replicas", section.replicas, "at least 1")
     validate_parallel(config)
     _require(
         base.dit.text_dim == base.text_encoder.d_model,

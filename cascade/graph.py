@@ -1,27 +1,25 @@
-"""The Ray side of the cascade: each stage's group of ranks, the DAG that links their leaders,
-and the loop that pipelines many prompts through it.
+"""The Ray side of the cascade: each stage's replicas, the routing of every call to the least-loaded
+one, and the loop that pipelines many prompts through the stage graph.
 
-    request ──► base.run ──latents──► tsr.run ──frames──► ssr.run ──► MP4 bytes
-                   │                     │                   │
-                   └─ report             └─ report           └─ report      (previews, timings)
+    request ──► base ──latents──► tsr ──frames──► ssr ──► MP4 bytes        (STAGE_NAMES: the graph)
+                 │                 │                │
+                 └─ report         └─ report        └─ report               (previews, timings)
 
-A stage of several ranks (stages.<name>.parallel) is one node of the DAG all the same: its leader
-takes the call and brings in the other ranks (cascade/actors.py, cascade/groups.py).
-
-Each `dag.execute(request)` returns the three reports and the video as separate object refs, so the
-driver writes a stage's preview the moment that stage finishes. Actors run their calls in
-submission order, so submitting prompt k+1 while k is still in tsr keeps every stage busy.
+Each stage is a `StagePool` of `stages.<name>.replicas` groups of ranks (cascade/groups.py); a group's
+leader takes the stage's calls. When a prompt's stage finishes, the driver hands the object ref of
+its output to the next stage's least-loaded replica, so data goes from actor to actor and never
+through the driver, and any replica of the next stage may take any prompt. A replica runs its calls
+in the order given, so calls queued on it keep it busy; `max_in_flight` bounds the prompts inside
+the cascade, and with them the memory their clips hold.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import ray
-from ray.dag import InputNode, MultiOutputNode
 
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig
@@ -30,39 +28,65 @@ from cascade.payload import Request
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = (*STAGE_NAMES, "video")  # what dag.execute returns refs to, in pipeline order
+
+@dataclass
+class StagePool:
+    """A stage's replicas and the calls each one holds; a call goes to the one holding fewest (ties:
+    the one that has taken fewest so far, then the first)."""
+
+    name: str
+    replicas: list[StageGroup]
+    outstanding: list[int] = field(default_factory=list)  # calls submitted and not yet finished
+    taken: list[int] = field(default_factory=list)  # calls submitted in all
+
+    def __post_init__(self) -> None:
+        self.outstanding = [0] * len(self.replicas)
+        self.taken = [0] * len(self.replicas)
+
+    def submit(self, clip: Optional[ray.ObjectRef], request: Request) -> tuple[int, ray.ObjectRef, ray.ObjectRef]:
+        """(replica, output ref, report ref) of the stage's call on its least-loaded replica."""
+        replica = min(range(len(self.replicas)), key=lambda index: (self.outstanding[index], self.taken[index], index))
+        self.outstanding[replica] += 1
+        self.taken[replica] += 1
+        output, report = self.replicas[replica].leader.run.remote(clip, request)
+        return replica, output, report
+
+    def finished(self, replica: int) -> None:
+        self.outstanding[replica] -= 1
 
 
-def create_groups(config: CascadeConfig) -> dict[str, StageGroup]:
-    """Each stage's ranks: `parallel.world_size` actors, each asking for the section's resources
-    (custom resources pin stages to nodes of a cluster), kept together by a placement group."""
-    return {
-        name: start_group(StageWorker, name, getattr(config.stages, name).resources, getattr(config.stages, name).parallel,
-                          name, getattr(config.stages, name), config.output, encode_output=(name == "ssr"))
-        for name in STAGE_NAMES
-    }
+def create_pools(config: CascadeConfig) -> dict[str, StagePool]:
+    """Each stage's `replicas` groups of `parallel.world_size` actors, each actor asking for the
+    section's resources (custom resources pin stages to nodes of a cluster)."""
+    pools = {}
+    for name in STAGE_NAMES:
+        section = getattr(config.stages, name)
+        replicas = [
+            start_group(StageWorker, name, section.resources, section.parallel, name, section, config.output,
+                        encode_output=(name == STAGE_NAMES[-1]), replica=replica)
+            for replica in range(section.replicas)
+        ]
+        pools[name] = StagePool(name, replicas)
+    return pools
 
 
-def load_groups(groups: dict[str, StageGroup], patience_s: float = 30.0) -> dict[str, dict]:
-    """Joins each stage's ranks and builds every model in parallel; re-raises the first rank's error
-    (a `WeightsError` stays a `WeightsError`). Returns each stage leader's rank, device, node, GPUs and
-    warnings. Says which stages are still waiting every `patience_s` seconds: a rank whose resources
-    no node has free waits for them."""
-    return {name: infos[0] for name, infos in join_groups(groups, "start", patience_s).items()}
+def load_pools(pools: dict[str, StagePool], patience_s: float = 30.0) -> dict[str, list[dict]]:
+    """Joins every group's ranks and builds every model in parallel; re-raises the first rank's error
+    (a `WeightsError` stays a `WeightsError`). Returns, per stage, each replica's leader's rank,
+    device, node, GPUs and warnings. Says which are still waiting every `patience_s` seconds: a rank
+    whose resources no node has free waits for them."""
+    def label(name: str, replica: int) -> str:
+        return name if len(pools[name].replicas) == 1 else f"{name} replica {replica}"
+
+    groups = {label(name, replica): group for name, pool in pools.items() for replica, group in enumerate(pool.replicas)}
+    loaded = join_groups(groups, "start", patience_s)
+    return {name: [loaded[label(name, replica)][0] for replica in range(len(pool.replicas))] for name, pool in pools.items()}
 
 
-def stop_groups(groups: dict[str, StageGroup]) -> None:
-    for group in groups.values():
-        stop_group(group)
-
-
-def build_dag(groups: dict[str, StageGroup]) -> MultiOutputNode:
-    with InputNode() as request:
-        latents, base_report = groups["base"].leader.run.bind(None, request)
-        frames, tsr_report = groups["tsr"].leader.run.bind(latents, request)
-        video, ssr_report = groups["ssr"].leader.run.bind(frames, request)
-        dag = MultiOutputNode([base_report, tsr_report, ssr_report, video])
-    return dag
+def stop_pools(pools: dict[str, StagePool]) -> None:
+    for pool in pools.values():
+        for group in pool.replicas:
+            stop_group(group)
 
 
 @dataclass
@@ -74,57 +98,46 @@ class PromptResult:
 
 
 def run_pipelined(
-    dag: MultiOutputNode,
+    pools: dict[str, StagePool],
     requests: Iterable[Request],
     max_in_flight: int,
     on_report: Callable[[Request, StageReport], None],
     on_done: Callable[[PromptResult], None],
 ) -> list[PromptResult]:
-    """Runs every request through the DAG with at most `max_in_flight` prompts inside the cascade.
+    """Runs every request through the stages with at most `max_in_flight` prompts inside the cascade.
     Calls `on_report` as each stage of each prompt finishes and `on_done` as each prompt ends (with
     its video, or the error and the stage that raised it). A failed prompt does not stop the rest."""
     pending_requests = iter(requests)
-    waiting: dict[ray.ObjectRef, tuple[Request, str]] = {}  # ref -> (request, what it holds)
-    outstanding: dict[int, int] = {}  # prompt index -> refs not yet finished
+    waiting: dict[ray.ObjectRef, tuple[Request, int, int, ray.ObjectRef]] = {}  # report -> (request, stage, replica, output)
     results: dict[int, PromptResult] = {}
-    order: list[int] = []
 
-    def submit_next() -> bool:
+    def submit(request: Request, stage: int, clip: Optional[ray.ObjectRef]) -> None:
+        replica, output, report = pools[STAGE_NAMES[stage]].submit(clip, request)
+        waiting[report] = (request, stage, replica, output)
+
+    def admit_next() -> None:
         request = next(pending_requests, None)
-        if request is None:
-            return False
-        with warnings.catch_warnings():
-            # Ray 2.60 marks the classic DAG's execute() deprecated without a CPU replacement;
-            # compiled graphs (experimental_compile) are the GPU path, see docs/.
-            warnings.filterwarnings("ignore", message="DAGNode.execute", category=DeprecationWarning)
-            refs = dag.execute(request)
-        for ref, kind in zip(refs, OUTPUTS):
-            waiting[ref] = (request, kind)
-        outstanding[request.index] = len(refs)
-        results[request.index] = PromptResult(request)
-        order.append(request.index)
-        return True
+        if request is not None:
+            results[request.index] = PromptResult(request)
+            submit(request, 0, None)
 
-    while len(outstanding) < max_in_flight and submit_next():
-        pass
+    for _ in range(max_in_flight):
+        admit_next()
     while waiting:
-        ready, _ = ray.wait(list(waiting), num_returns=1)
-        ref = ready[0]
-        request, kind = waiting.pop(ref)
+        [ready], _ = ray.wait(list(waiting), num_returns=1)
+        request, stage, replica, output = waiting.pop(ready)
+        pools[STAGE_NAMES[stage]].finished(replica)
         result = results[request.index]
         try:
-            value = ray.get(ref)
-        except Exception as error:  # a stage failed, and every later stage of the prompt with it
-            if result.error is None or OUTPUTS.index(kind) < OUTPUTS.index(result.failed_stage):
-                result.error, result.failed_stage = error, kind
+            report = ray.get(ready)  # the call's two returns are ready together
+        except Exception as error:  # the stage failed: the prompt ends here
+            result.error, result.failed_stage = error, STAGE_NAMES[stage]
         else:
-            if kind == "video":
-                result.video = value
-            else:
-                on_report(request, value)
-        outstanding[request.index] -= 1
-        if outstanding[request.index] == 0:
-            del outstanding[request.index]
-            on_done(result)
-            submit_next()
-    return [results[index] for index in order]
+            on_report(request, report)
+            if stage + 1 < len(STAGE_NAMES):
+                submit(request, stage + 1, output)
+                continue
+            result.video = ray.get(output)
+        on_done(result)
+        admit_next()
+    return list(results.values())

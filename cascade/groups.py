@@ -72,28 +72,53 @@ def placement_problem(key: str, bundle: dict[str, float], count: int, strategy: 
     return f"{ask} (placement {strategy}), but the whole cluster offers {_describe(offered)}: use fewer ranks"
 
 
-def check_placement(config) -> None:
-    """Raises `UserError` naming the first stage whose ranks the connected Ray cluster can never
-    place (by its nodes' total resources), alone or together with the other stages."""
+def stage_groups(config) -> list[tuple[str, dict[str, float], int, str]]:
+    """(stage, bundle of a rank, ranks, placement) of every group the config asks for, one per replica."""
     from cascade.actors import STAGE_NAMES
 
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    needed: dict[str, float] = {}
+    groups = []
     for name in STAGE_NAMES:
         section = getattr(config.stages, name)
-        bundle, count = rank_bundle(section.resources), section.parallel.world_size
-        problem = placement_problem(f"stages.{name}.parallel", bundle, count, section.parallel.placement, nodes)
+        group = (name, rank_bundle(section.resources), section.parallel.world_size, section.parallel.placement)
+        groups += [group] * section.replicas
+    return groups
+
+
+def requested_resources(config) -> dict[str, float]:
+    """What all ranks of all replicas of all stages ask for together."""
+    total: dict[str, float] = {}
+    for _, bundle, count, _ in stage_groups(config):
+        for key, value in bundle.items():
+            total[key] = total.get(key, 0.0) + count * value
+    return total
+
+
+def check_placement(config) -> None:
+    """Raises `UserError` naming the first stage whose ranks the connected Ray cluster can never
+    place (by its nodes' total resources): one of its groups alone, or all replicas of all stages
+    together, packed largest first (a STRICT_PACK group on one node, other ranks anywhere)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    groups = stage_groups(config)
+    for name, bundle, count, strategy in groups:
+        problem = placement_problem(f"stages.{name}.parallel", bundle, count, strategy, nodes)
         if problem:
             raise UserError(problem)
-        for key, value in bundle.items():
-            needed[key] = needed.get(key, 0.0) + count * value
-    offered = {key: sum(node.get(key, 0.0) for node in nodes) for key in needed}
-    short = {key: value for key, value in needed.items() if offered[key] + EPSILON < value}
-    if short:
-        raise UserError(
-            f"the stages' ranks together ask for {_describe(needed)}, but the cluster offers "
-            f"{_describe(offered)}: lower stages.<stage>.parallel or stages.<stage>.resources"
-        )
+    free = [dict(node) for node in nodes]
+    for name, bundle, count, strategy in sorted(
+        groups, key=lambda group: tuple(-group[2] * group[1].get(key, 0.0) for key in ("GPU", "CPU"))
+    ):
+        for piece in [count] if strategy == "STRICT_PACK" else [1] * count:
+            node = next((node for node in free if _fits(bundle, node, piece)), None)
+            if node is None:
+                needed = requested_resources(config)
+                offered = {key: sum(node.get(key, 0.0) for node in nodes) for key in needed}
+                raise UserError(
+                    f"the stages' ranks together ask for {_describe(needed)} and cannot all be placed on this "
+                    f"cluster ({len(nodes)} node(s), {_describe(offered)} in all): stages.{name} does not fit "
+                    f"beside the others; lower stages.<stage>.replicas, .parallel or .resources"
+                )
+            for key, value in bundle.items():
+                node[key] -= piece * value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from cascade.actors import StageWorker, build_stage
 from cascade.config import load_config
-from cascade.graph import build_dag, create_groups, load_groups, run_pipelined, stop_groups
+from cascade.graph import create_pools, load_pools, run_pipelined, stop_pools
 from cascade.payload import Request
 from cascade.video import encode_mp4, read_video
 from tests.conftest import FAST
@@ -33,13 +33,13 @@ def start_workers(ray_cluster):
     started = []
 
     def start(config):
-        groups = create_groups(config)
-        started.append(groups)
-        return groups, load_groups(groups)
+        pools = create_pools(config)
+        started.append(pools)
+        return pools, {name: leaders[0] for name, leaders in load_pools(pools).items()}
 
     yield start
-    for groups in started:
-        stop_groups(groups)
+    for pools in started:
+        stop_pools(pools)
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,13 @@ def test_worker_runs_without_ray(config, direct_outputs):
     assert report.preview.contact_sheet_png.startswith(b"\x89PNG")
 
 
-def test_ray_dag_gives_the_direct_result(start_workers, config, direct_outputs):
+def test_ray_actors_give_the_direct_result(start_workers, config, direct_outputs):
     request, latents, frames, final = direct_outputs
-    groups, loaded = start_workers(config)
+    pools, loaded = start_workers(config)
     # tiny ships trained weights for every model
     assert {stage: info["warnings"] for stage, info in loaded.items()} == {"base": [], "tsr": [], "ssr": []}
     reports, done = [], []
-    results = run_pipelined(build_dag(groups), [request], 1, lambda req, rep: reports.append(rep), done.append)
+    results = run_pipelined(pools, [request], 1, lambda req, rep: reports.append(rep), done.append)
     assert results[0].error is None and done == results
     assert [report.stage for report in sorted(reports, key=lambda r: r.finished_at)] == ["base", "tsr", "ssr"]
     by_stage = {report.stage: report for report in reports}
@@ -111,21 +111,21 @@ def test_stages_are_placed_by_custom_resources(start_workers, config):
     placed.stages.base.resources.custom = {"node_a": 1}
     placed.stages.tsr.resources.custom = {"node_b": 1}
     placed.stages.ssr.resources.custom = {"node_b": 1}
-    groups, loaded = start_workers(placed)
+    pools, loaded = start_workers(placed)
     assert node_ids["node_a"] in loaded["base"]["node"]
     assert node_ids["node_b"] in loaded["tsr"]["node"] and node_ids["node_b"] in loaded["ssr"]["node"]
     reports = []
-    results = run_pipelined(build_dag(groups), [request_for(placed)], 1, lambda req, rep: reports.append(rep), lambda r: None)
+    results = run_pipelined(pools, [request_for(placed)], 1, lambda req, rep: reports.append(rep), lambda r: None)
     assert results[0].error is None
     assert {report.stage: node_ids["node_a"] in report.node for report in reports} == {"base": True, "tsr": False, "ssr": False}
 
 
 def test_prompts_are_pipelined(start_workers, config):
-    groups, _ = start_workers(config)
+    pools, _ = start_workers(config)
     requests = [request_for(config, prompt, seed=index, index=index)
                 for index, prompt in enumerate(["a red circle", "a blue square", "a green triangle"])]
     reports, finished = [], []
-    results = run_pipelined(build_dag(groups), requests, 3, lambda req, rep: reports.append(rep),
+    results = run_pipelined(pools, requests, 3, lambda req, rep: reports.append(rep),
                             lambda result: finished.append(result.request.index))
     assert all(result.error is None for result in results) and sorted(finished) == [0, 1, 2]
     at = {(report.prompt_index, report.stage): report for report in reports}

@@ -1,0 +1,90 @@
+"""Replicas of a stage (stages.<stage>.replicas): calls routed to the least-loaded replica, the same
+videos whatever the replica count, every replica used, and counts that cannot work refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import run_cascade
+from cascade.graph import StagePool
+from tests.conftest import FAST, run_cli
+
+REPLICAS = ["stages.base.replicas=2", "stages.tsr.replicas=2", "stages.ssr.replicas=2"]
+
+
+class RecordingMethod:
+    def __init__(self, calls: list, replica: int):
+        self.calls, self.replica = calls, replica
+
+    def remote(self, clip, request):
+        self.calls.append((self.replica, request))
+        return f"output of {request} on {self.replica}", f"report of {request} on {self.replica}"
+
+
+class RecordingGroup:
+    """Stands in for a StageGroup: its leader's run.remote records the call."""
+
+    def __init__(self, calls: list, replica: int):
+        self.leader = type("Leader", (), {"run": RecordingMethod(calls, replica)})()
+
+
+def test_calls_go_to_the_replica_holding_fewest():
+    calls: list = []
+    pool = StagePool("tsr", [RecordingGroup(calls, replica) for replica in range(3)])
+    assert [pool.submit(None, prompt)[0] for prompt in range(4)] == [0, 1, 2, 0]  # spread, then the first again
+    pool.finished(1)  # replica 1 is free, 0 holds two calls, 2 holds one
+    assert pool.submit(None, 4)[0] == 1
+    pool.finished(0), pool.finished(0), pool.finished(2)  # 0 and 2 free; 1 holds one
+    assert pool.submit(None, 5)[0] == 2  # of the free ones, the one that has taken fewest calls
+    assert pool.outstanding == [0, 1, 1] and pool.taken == [2, 2, 2]
+    assert calls[-1] == (2, 5)
+
+
+def outputs_by_prompt(out: Path) -> dict[int, tuple[bytes, dict]]:
+    runs = {}
+    for folder in (path for path in out.iterdir() if path.is_dir()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["status"] == "ok", manifest.get("error")
+        runs[manifest["prompt_index"]] = ((folder / "video.mp4").read_bytes(), manifest)
+    return runs
+
+
+def test_replicas_make_the_same_videos_and_all_work(ray_cluster, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\n一个蓝色的方块向上移动\na green triangle moving left\n"
+                       "a yellow square moving down\n")
+    runs = {}
+    for name, overrides in (("one each", []), ("two each", REPLICAS)):
+        result = run_cli("--prompts-file", str(prompts), "--out", str(tmp_path / name), "--seed", "7",
+                         "--address", ray_cluster.address, *FAST, *overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = outputs_by_prompt(tmp_path / name)
+    assert sorted(runs["two each"]) == sorted(runs["one each"]) == [0, 1, 2, 3]
+    for index, (video, manifest) in runs["two each"].items():
+        assert video == runs["one each"][index][0], f"prompt {index}: the videos differ"  # x264 is deterministic
+        assert manifest["seed"] == 7 + index
+    for stage in ("base", "tsr", "ssr"):
+        assert {manifest["stages"][stage]["replica"] for _, manifest in runs["two each"].values()} == {0, 1}
+        assert {manifest["stages"][stage]["replica"] for _, manifest in runs["one each"].values()} == {0}
+
+
+def test_replicas_below_one_are_refused(tmp_path, capsys):
+    assert run_cascade.main(["--out", str(tmp_path), "stages.tsr.replicas=0"]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "stages.tsr.replicas=0" in error_lines[0] and "at least 1" in error_lines[0]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["stages.base.replicas=17"],  # 17 + 1 + 1 CPUs; 18 in all
+    ["stages.base.parallel.ring=6", "stages.base.replicas=3"],  # 3 groups of 6 on one node each; nodes of 10 and 8
+])
+def test_more_replicas_than_the_cluster_places_are_refused(ray_cluster, tmp_path, overrides):
+    out = tmp_path / "out"
+    result = run_cli("--out", str(out), "--address", ray_cluster.address, *FAST, *overrides)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "cannot all be placed" in error_lines[0]
+    assert not any(path.is_dir() for path in out.iterdir())
