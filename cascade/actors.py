@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import ray
+import torch
 
 from cascade.groups import GroupMember
 from cascade.payload import Clip, Request
@@ -62,6 +63,7 @@ class StageReport:
     replica: int  # which of the stage's replicas ran the call
     prompt_index: int
     input_shape: Optional[tuple]
+    input_transport: Optional[str]  # how the input came: "object store" or "direct" (Ray Direct Transport)
     output_shape: tuple
     input_fps: Optional[float]
     output_fps: float
@@ -83,17 +85,22 @@ class EncodedVideo:
 
 
 def _device_for(num_gpus: float) -> str:
-    import torch
-
     return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
 
 
 def _describe_device(device: str) -> str:
-    import torch
-
     if device.startswith("cuda"):
         return f"{device} ({torch.cuda.get_device_name(0)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _can_send_over_nccl(device: str) -> bool:
+    """Whether Ray Direct Transport can send from this process over NCCL (a GPU, and CuPy for Ray)."""
+    if not device.startswith("cuda"):
+        return False
+    from ray.util.collective.collective import nccl_available
+
+    return nccl_available()
 
 
 def _describe_node() -> str:
@@ -138,7 +145,7 @@ class StageWorker(GroupMember):
         """Builds the stage's models (reading weights); returns the rank, device, node and warnings."""
         if self.stage is None:
             self.stage = build_stage(self.name, self.section, self.device, grouped=self.world_size > 1)
-        return {**self.describe(), "warnings": list(self.stage.warnings)}
+        return {**self.describe(), "warnings": list(self.stage.warnings), "nccl": _can_send_over_nccl(self.device)}
 
     def describe(self) -> dict:
         """This rank's place: its device, its node and the node's GPUs Ray gave it (ids; empty on CPUs)."""
@@ -148,6 +155,36 @@ class StageWorker(GroupMember):
     @ray.method(num_returns=2)
     def run(self, clip: Optional[Clip], request: Request):
         """The leader returns (clip or video, report); another rank (None, its description)."""
+        output, report = self.compute(clip, request)
+        if self.rank != 0:
+            return None, report
+        if self.encode_output:
+            frames = clip_frames(output)
+            out = self.output_config
+            return EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps), report
+        return output, report
+
+    def run_direct(self, clip: Optional[Clip], request: Request) -> Clip:
+        """The leader's call when its output goes by Ray Direct Transport (called with
+        `.options(tensor_transport=…)`): the clip holds a tensor on this rank's device, which Ray
+        sends straight to the next stage. Such a call has one return, so the report waits here for
+        `last_report`, the call the driver makes right after."""
+        try:
+            output, self.last = self.compute(clip, request)
+        except Exception as error:
+            self.last = error
+            raise
+        return replace(output, data=torch.from_numpy(output.data).to(self.device))
+
+    def last_report(self) -> StageReport:
+        """The report of the latest `run_direct` call, or its error."""
+        if isinstance(self.last, Exception):
+            raise self.last
+        return self.last
+
+    def compute(self, clip: Optional[Clip], request: Request) -> tuple[Optional[Clip], Any]:
+        """Runs the stage (with the peers, on a leader): (its output, its report) on the leader,
+        (None, this rank's description) on another rank."""
         self.load()
         peer_calls = [peer.run.remote(None, request) for peer in self.peers]  # they join this call
         bar, reported = None, 0
@@ -169,11 +206,12 @@ class StageWorker(GroupMember):
         if self.rank != 0:
             return None, ranks[0]
         out = self.output_config
-        report = StageReport(
+        return output, StageReport(
             stage=self.name,
             replica=self.replica,
             prompt_index=request.index,
             input_shape=clip.shape if clip is not None else None,
+            input_transport=None if clip is None else "direct" if isinstance(clip.data, torch.Tensor) else "object store",
             output_shape=output.shape,
             input_fps=clip.fps if clip is not None else None,
             output_fps=output.fps,
@@ -186,7 +224,3 @@ class StageWorker(GroupMember):
             ranks=ranks,
             notes=dict(output.notes),
         )
-        if self.encode_output:
-            frames = clip_frames(output)
-            return EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps), report
-        return output, report

@@ -28,6 +28,7 @@ MAX_FACTOR = 8  # temporal super-resolution: k − 1 new frames between each pai
 SCALES = (2, 4)  # spatial super-resolution: one wavelet level per ×2
 DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("STRICT_PACK", "PACK", "SPREAD")  # Ray placement group strategies for a stage's ranks
+TRANSPORTS = ("auto", "object_store", "direct")  # how clips go from one stage to the next (hop_backend)
 
 
 @dataclass
@@ -125,6 +126,10 @@ class CascadeConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    # auto: GPU-to-GPU hops by Ray Direct Transport over NCCL, others through the object store (the
+    # fastest on CPUs, docs/SCALING.md); object_store: every hop; direct: also CPU-to-CPU hops,
+    # over gloo (slower on CPUs: the variant that tests the direct path without GPUs)
+    transport: str = "auto"
 
 
 def _config_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
@@ -244,6 +249,18 @@ def validate(config: CascadeConfig) -> None:
     _require(out.max_prompts_in_flight >= 1, "output.max_prompts_in_flight", out.max_prompts_in_flight, "≥ 1")
 
 
+def hop_backend(config: CascadeConfig, producer: str, consumer: str) -> str | None:
+    """How a clip goes from stage `producer` to stage `consumer`: "nccl" (Ray Direct Transport between
+    GPU actors), "gloo" (the same between CPU actors, only with transport=direct) or None (the object
+    store, as numpy)."""
+    on_gpus = [getattr(config.stages, name).resources.num_gpus > 0 for name in (producer, consumer)]
+    if config.transport == "object_store" or on_gpus[0] != on_gpus[1]:
+        return None
+    if all(on_gpus):
+        return "nccl"
+    return "gloo" if config.transport == "direct" else None
+
+
 def validate_parallel(config: CascadeConfig) -> None:
     """Checks the stages' rank counts against what their models can split."""
     base = config.stages.base
@@ -264,6 +281,15 @@ def validate_parallel(config: CascadeConfig) -> None:
         _require(frames >= 1, f"stages.{stage_name}.parallel.frames", frames, "at least 1")
     warmup = config.stages.ssr.parallel.warmup_frames
     _require(warmup >= 0, "stages.ssr.parallel.warmup_frames", warmup, "≥ 0")
+    _require(config.transport in TRANSPORTS, "transport", config.transport, f"one of {TRANSPORTS}")
+    names = ("base", "tsr", "ssr")
+    for producer, consumer in zip(names, names[1:]):
+        if hop_backend(config, producer, consumer) == "gloo":
+            for name in (producer, consumer):
+                ranks = getattr(config.stages, name).parallel.world_size
+                _require(ranks == 1, "transport", config.transport,
+                         f"object_store or auto while stages.{name} runs on {ranks} CPU ranks: the gloo variant of "
+                         "direct transport takes each process's torch.distributed group, which a split stage uses")
 
 
 def to_plain_dict(config: CascadeConfig) -> dict:

@@ -11,6 +11,11 @@ its output to the next stage's least-loaded replica, so data goes from actor to 
 through the driver, and any replica of the next stage may take any prompt. A replica runs its calls
 in the order given, so calls queued on it keep it busy; `max_in_flight` bounds the prompts inside
 the cascade, and with them the memory their clips hold.
+
+A hop goes through Ray's object store as numpy, or, between GPU stages (`transport`, see
+`cascade.config.hop_backend`), by Ray Direct Transport: the producing leaders' outputs are torch
+tensors that Ray sends to the consuming leader over a collective group (NCCL; gloo on CPUs) that
+every leader at either end of such hops joins.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Callable, Iterable, Optional
 import ray
 
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
-from cascade.config import CascadeConfig
+from cascade.config import CascadeConfig, hop_backend
 from cascade.groups import StageGroup, join_groups, start_group, stop_group
 from cascade.payload import Request
 
@@ -36,8 +41,10 @@ class StagePool:
 
     name: str
     replicas: list[StageGroup]
+    direct: Optional[str] = None  # backend of the Ray Direct Transport of its outputs (None: object store)
     outstanding: list[int] = field(default_factory=list)  # calls submitted and not yet finished
     taken: list[int] = field(default_factory=list)  # calls submitted in all
+    communicators: list = field(default_factory=list)  # the collective groups its leaders joined
 
     def __post_init__(self) -> None:
         self.outstanding = [0] * len(self.replicas)
@@ -48,7 +55,12 @@ class StagePool:
         replica = min(range(len(self.replicas)), key=lambda index: (self.outstanding[index], self.taken[index], index))
         self.outstanding[replica] += 1
         self.taken[replica] += 1
-        output, report = self.replicas[replica].leader.run.remote(clip, request)
+        leader = self.replicas[replica].leader
+        if self.direct is None:
+            output, report = leader.run.remote(clip, request)
+        else:  # a direct call has one return: the report follows in the next call
+            output = leader.run_direct.options(tensor_transport=self.direct).remote(clip, request)
+            report = leader.last_report.remote()
         return replica, output, report
 
     def finished(self, replica: int) -> None:
@@ -58,15 +70,17 @@ class StagePool:
 def create_pools(config: CascadeConfig) -> dict[str, StagePool]:
     """Each stage's `replicas` groups of `parallel.world_size` actors, each actor asking for the
     section's resources (custom resources pin stages to nodes of a cluster)."""
+    hops = [hop_backend(config, producer, consumer) for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:])]
     pools = {}
-    for name in STAGE_NAMES:
+    for index, name in enumerate(STAGE_NAMES):
         section = getattr(config.stages, name)
+        direct_ends = [hops[index - 1] if index > 0 else None, hops[index] if index < len(hops) else None]
         replicas = [
             start_group(StageWorker, name, section.resources, section.parallel, name, section, config.output,
-                        encode_output=(name == STAGE_NAMES[-1]), replica=replica)
+                        direct_transport=any(direct_ends), encode_output=(name == STAGE_NAMES[-1]), replica=replica)
             for replica in range(section.replicas)
         ]
-        pools[name] = StagePool(name, replicas)
+        pools[name] = StagePool(name, replicas, direct=direct_ends[1])
     return pools
 
 
@@ -80,10 +94,42 @@ def load_pools(pools: dict[str, StagePool], patience_s: float = 30.0) -> dict[st
 
     groups = {label(name, replica): group for name, pool in pools.items() for replica, group in enumerate(pool.replicas)}
     loaded = join_groups(groups, "start", patience_s)
-    return {name: [loaded[label(name, replica)][0] for replica in range(len(pool.replicas))] for name, pool in pools.items()}
+    leaders = {name: [loaded[label(name, replica)][0] for replica in range(len(pool.replicas))]
+               for name, pool in pools.items()}
+    for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:]):
+        ends = [leader for name in (producer, consumer) for leader in leaders[name]]
+        if pools[producer].direct == "nccl" and not all(leader["nccl"] for leader in ends):
+            log.warning("%s -> %s goes through the object store: NCCL direct transport needs a GPU that torch "
+                        "sees and CuPy for Ray (pip install cupy-cuda12x) on both ends (devices: %s)",
+                        producer, consumer, ", ".join(sorted({leader["device"] for leader in ends})))
+            pools[producer].direct = None
+    connect_direct_hops(pools)
+    return leaders
+
+
+def connect_direct_hops(pools: dict[str, StagePool]) -> None:
+    """One Ray collective group per direct backend, of the leaders of every stage at either end of a
+    hop that uses it (an actor joins at most one group per backend)."""
+    from ray.experimental.collective import create_collective_group
+
+    for backend in {pool.direct for pool in pools.values()} - {None}:
+        members: list[StagePool] = []  # the stages at either end of a hop over `backend`, in graph order
+        for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:]):
+            if pools[producer].direct == backend:
+                members += [pools[name] for name in (producer, consumer) if pools[name] not in members]
+        leaders = [group.leader for pool in members for group in pool.replicas]
+        communicator = create_collective_group(leaders, backend="torch_gloo" if backend == "gloo" else "nccl")
+        for pool in members:
+            pool.communicators.append(communicator)
 
 
 def stop_pools(pools: dict[str, StagePool]) -> None:
+    """Leaves the collective groups, kills every rank and frees the placement groups."""
+    from ray.experimental.collective import destroy_collective_group
+
+    communicators = {id(communicator): communicator for pool in pools.values() for communicator in pool.communicators}
+    for communicator in communicators.values():
+        destroy_collective_group(communicator)
     for pool in pools.values():
         for group in pool.replicas:
             stop_group(group)

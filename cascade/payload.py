@@ -1,16 +1,18 @@
 """The one small object that travels between stages: a clip and the request it answers.
 
 Frames travel as uint8 numpy arrays and latents as float32 numpy arrays: through Ray's object
-store numpy costs about a third of what a torch tensor does, and a reader on the same node maps it
-without a copy.
+store numpy costs a fraction of what a torch tensor does (docs/SCALING.md), and a reader on the
+same node maps it without a copy. On a direct hop (Ray Direct Transport between two GPU actors) the
+data is a torch tensor on the sender's device instead, which Ray sends without the object store.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import numpy as np
+import torch
 
 Space = Literal["latent", "pixel"]
 
@@ -34,7 +36,7 @@ class Clip:
     """A batch of videos in one space: latents `(B, 16, T', H/8, W/8)` float32 or frames
     `(B, 3, T, H, W)` uint8 (RGB)."""
 
-    data: np.ndarray  # (B, C, T, H, W)
+    data: Union[np.ndarray, torch.Tensor]  # (B, C, T, H, W); a tensor only on a direct hop
     space: Space
     fps: float
     request: Request
@@ -43,11 +45,10 @@ class Clip:
     def __post_init__(self) -> None:
         if self.data.ndim != 5:
             raise ValueError(f"a clip holds (B, C, T, H, W) data, got shape {self.data.shape}")
-        expected = np.float32 if self.space == "latent" else np.uint8
-        if self.space not in ("latent", "pixel") or self.data.dtype != expected:
-            raise ValueError(
-                f"a {self.space!r} clip must hold {np.dtype(expected).name} data, got {self.data.dtype}"
-            )
+        expected = "float32" if self.space == "latent" else "uint8"
+        dtype = str(self.data.dtype).removeprefix("torch.")  # numpy's and torch's names agree
+        if self.space not in ("latent", "pixel") or dtype != expected:
+            raise ValueError(f"a {self.space!r} clip must hold {expected} data, got {dtype}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -56,3 +57,11 @@ class Clip:
     @property
     def num_frames(self) -> int:
         return self.data.shape[2]
+
+    def tensor(self, device: torch.device | str) -> torch.Tensor:
+        """The data as a torch tensor on `device`; a read-only array (as the object store hands it
+        out) is copied first, so the tensor may be written."""
+        data = self.data
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(data if data.flags.writeable else data.copy())
+        return data.to(device)

@@ -95,7 +95,7 @@ class SsrStage:
         def compute(frames: torch.Tensor, rank: int) -> torch.Tensor:
             return self.upsample(frames, ranges[rank].start - inputs[rank].start, progress if rank == 0 else None)
 
-        frames = torch.from_numpy(clip.data.copy()).to(self.device) if self.ranks.is_leader else None
+        frames = clip.tensor(self.device) if self.ranks.is_leader else None
         output = map_frame_ranges(compute, frames, inputs, 2, torch.uint8, self.ranks)
         if output is None:
             return None

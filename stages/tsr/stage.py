@@ -124,7 +124,7 @@ class TsrStage:
         for index in range(batch):  # one video of the batch at a time
             frames = None
             if self.ranks.is_leader:
-                latents = torch.from_numpy(clip.data[index:index + 1].copy())
+                latents = clip.tensor(self.device)[index:index + 1]
                 frames = self.decode(latents, lambda done: report(done, total))
             frames = self.interpolate(frames, decoded_frames, lambda pairs, _: report(latent_frames + pairs, total))
             if frames is not None:

@@ -1,0 +1,81 @@
+"""How clips go from stage to stage: the choice of transport per hop, the direct path (Ray Direct
+Transport) tested through its gloo variant on the CPU, and the clip's two forms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import run_cascade
+from cascade.config import hop_backend, load_config
+from cascade.payload import Clip, Request
+from tests.conftest import FAST, run_cli
+
+GPU_STAGES = [f"stages.{stage}.resources.num_gpus=1" for stage in ("base", "tsr", "ssr")]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], [None, None]),  # CPUs: the object store, the fastest there
+    (["transport=direct"], ["gloo", "gloo"]),
+    (GPU_STAGES, ["nccl", "nccl"]),  # GPU to GPU: direct by default
+    ([*GPU_STAGES, "transport=object_store"], [None, None]),
+    ([*GPU_STAGES, "stages.ssr.resources.num_gpus=0"], ["nccl", None]),  # a GPU to CPU hop: the object store
+    ([*GPU_STAGES, "stages.ssr.resources.num_gpus=0", "transport=direct"], ["nccl", None]),
+])
+def test_each_hop_takes_the_transport_of_its_ends(overrides, expected):
+    config = load_config(None, overrides)
+    assert [hop_backend(config, "base", "tsr"), hop_backend(config, "tsr", "ssr")] == expected
+
+
+@pytest.mark.parametrize("override, message", [
+    ("transport=pigeon", "one of ('auto', 'object_store', 'direct')"),
+    ("stages.ssr.parallel.frames=2", "stages.ssr runs on 2 CPU ranks"),
+])
+def test_impossible_transport_settings_exit_2(tmp_path, capsys, override, message):
+    assert run_cascade.main(["--out", str(tmp_path), "transport=direct", override]) == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
+
+
+def test_clip_holds_an_array_or_a_tensor():
+    request = Request("p", "", 0, 16, 16, 1, 16.0)
+    frames = np.zeros((1, 3, 2, 4, 4), dtype=np.uint8)
+    frames.flags.writeable = False  # as the object store hands arrays out
+    clip = Clip(frames, "pixel", 16.0, request)
+    tensor = clip.tensor("cpu")
+    tensor += 1  # a copy: the read-only array is untouched
+    assert frames.max() == 0 and tensor.dtype == torch.uint8
+    assert Clip(torch.zeros(1, 16, 1, 2, 2), "latent", 16.0, request).shape == (1, 16, 1, 2, 2)
+    with pytest.raises(ValueError, match="must hold float32 data, got float64"):
+        Clip(torch.zeros(1, 16, 1, 2, 2, dtype=torch.float64), "latent", 16.0, request)
+
+
+def videos_and_manifests(out: Path) -> dict[int, tuple[bytes, dict]]:
+    runs = {}
+    for folder in (path for path in out.iterdir() if path.is_dir()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        runs[manifest["prompt_index"]] = ((folder / "video.mp4").read_bytes(), manifest)
+    return runs
+
+
+def test_direct_transport_over_gloo_makes_the_same_videos(ray_cluster, tmp_path):
+    """The direct path between single-rank CPU stages, with two tsr replicas in the collective group."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle moving right\na blue square moving up\na green triangle moving left\n")
+    runs = {}
+    for name, overrides in (("object store", []), ("direct", ["transport=direct", "stages.tsr.replicas=2"])):
+        result = run_cli("--prompts-file", str(prompts), "--out", str(tmp_path / name.replace(" ", "-")), "--seed", "3",
+                         "--address", ray_cluster.address, *FAST, *overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = videos_and_manifests(tmp_path / name.replace(" ", "-"))
+    assert sorted(runs["direct"]) == [0, 1, 2]
+    for index, (video, manifest) in runs["direct"].items():
+        assert video == runs["object store"][index][0]
+        assert {stage: manifest["stages"][stage]["input_transport"] for stage in ("base", "tsr", "ssr")} == {
+            "base": None, "tsr": "direct", "ssr": "direct"}
+        assert runs["object store"][index][1]["stages"]["ssr"]["input_transport"] == "object store"
+    assert {manifest["stages"]["tsr"]["replica"] for _, manifest in runs["direct"].values()} == {0, 1}
