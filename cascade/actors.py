@@ -162,11 +162,11 @@ class StageWorker(GroupMember):
             frames = clip_frames(output)
             out = self.output_config
             return EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps), report
-        return output, report
+        return replace(output, data=output.numpy()), report  # numpy: the object store's fast form
 
     def run_direct(self, clip: Optional[Clip], request: Request) -> Clip:
         """The leader's call when its output goes by Ray Direct Transport (called with
-        `.options(tensor_transport=…)`): the clip holds a tensor on this rank's device, which Ray
+        `.options(tensor_transport=…)`): the stage's clip, a tensor on this rank's device, which Ray
         sends straight to the next stage. Such a call has one return, so the report waits here for
         `last_report`, the call the driver makes right after."""
         try:
@@ -174,7 +174,7 @@ class StageWorker(GroupMember):
         except Exception as error:
             self.last = error
             raise
-        return replace(output, data=torch.from_numpy(output.data).to(self.device))
+        return output
 
     def last_report(self) -> StageReport:
         """The report of the latest `run_direct` call, or its error."""

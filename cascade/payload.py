@@ -1,9 +1,10 @@
 """The one small object that travels between stages: a clip and the request it answers.
 
-Frames travel as uint8 numpy arrays and latents as float32 numpy arrays: through Ray's object
-store numpy costs a fraction of what a torch tensor does (docs/SCALING.md), and a reader on the
-same node maps it without a copy. On a direct hop (Ray Direct Transport between two GPU actors) the
-data is a torch tensor on the sender's device instead, which Ray sends without the object store.
+A stage returns its clip as a torch tensor on its device (uint8 frames, float32 latents). Through
+Ray's object store it travels as a numpy array (`numpy()`): numpy costs there a fraction of what a
+torch tensor does (docs/SCALING.md), and a reader on the same node maps it without a copy. On a
+direct hop (Ray Direct Transport between GPU actors) the tensor stays on the GPU and Ray sends it
+to the next stage's device. A stage reads either form with `tensor(device)`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Clip:
     """A batch of videos in one space: latents `(B, 16, T', H/8, W/8)` float32 or frames
     `(B, 3, T, H, W)` uint8 (RGB)."""
 
-    data: Union[np.ndarray, torch.Tensor]  # (B, C, T, H, W); a tensor only on a direct hop
+    data: Union[np.ndarray, torch.Tensor]  # (B, C, T, H, W)
     space: Space
     fps: float
     request: Request
@@ -57,6 +58,10 @@ class Clip:
     @property
     def num_frames(self) -> int:
         return self.data.shape[2]
+
+    def numpy(self) -> np.ndarray:
+        """The data in host memory, as numpy (a CPU tensor's array shares its memory)."""
+        return self.data if isinstance(self.data, np.ndarray) else self.data.cpu().numpy()
 
     def tensor(self, device: torch.device | str) -> torch.Tensor:
         """The data as a torch tensor on `device`; a read-only array (as the object store hands it

@@ -9,8 +9,11 @@ nearest-neighbour sampling, so structure and motion are visible long before deco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from cascade.payload import Clip
 from cascade.video import contact_sheet, encode_gif
@@ -39,15 +42,33 @@ def latent_to_rgb(latents: np.ndarray) -> np.ndarray:
     return frames.repeat(LATENT_PIXELS, axis=1).repeat(LATENT_PIXELS, axis=2)
 
 
-def clip_frames(clip: Clip) -> np.ndarray:
-    """The first video of a clip as (T, H, W, 3) uint8 frames fit for viewing."""
+def shrink_on_device(frames: torch.Tensor, max_side: int) -> torch.Tensor:
+    """(3, T, H, W) uint8 frames on any device, scaled (bilinear, antialiased) so the longer side is
+    at most `max_side`, there: only preview-sized frames need to reach host memory."""
+    height, width = frames.shape[2:]
+    ratio = max_side / max(height, width)
+    if ratio >= 1:
+        return frames
+    size = (max(1, round(height * ratio)), max(1, round(width * ratio)))
+    small = F.interpolate(frames.transpose(0, 1).float(), size=size, mode="bilinear", antialias=True)
+    return small.round().clamp(0, 255).to(torch.uint8).transpose(0, 1)
+
+
+def clip_frames(clip: Clip, max_side: Optional[int] = None) -> np.ndarray:
+    """The first video of a clip as (T, H, W, 3) uint8 frames fit for viewing. Frames on a GPU are
+    first shrunk there to at most `max_side` (when given)."""
     if clip.space == "latent":
-        return latent_to_rgb(clip.data[0])
-    return np.ascontiguousarray(clip.data[0].transpose(1, 2, 3, 0))
+        return latent_to_rgb(clip.numpy()[0])
+    video = clip.data[0]
+    if isinstance(video, torch.Tensor):
+        if max_side is not None and video.device.type != "cpu":
+            video = shrink_on_device(video, max_side)
+        video = video.cpu().numpy()
+    return np.ascontiguousarray(video.transpose(1, 2, 3, 0))
 
 
 def make_preview(clip: Clip, max_side: int, sheet_frames: int) -> Preview:
-    frames = clip_frames(clip)
+    frames = clip_frames(clip, max_side)
     return Preview(
         gif=encode_gif(frames, clip.fps, max_side),
         contact_sheet_png=contact_sheet(frames, sheet_frames, max_side),

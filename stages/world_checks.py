@@ -99,19 +99,19 @@ def base_frames(base_stage, tsr_stage, request: Request) -> tuple[Clip, np.ndarr
     """The base stage's latents for `request` and their clip decoded by the tsr stage's VAE:
     (T, H, W, 3) uint8, the frames the base stage meant before any interpolation."""
     latents = base_stage(None, request)
-    frames = tsr_stage.decode(torch.from_numpy(latents.data), lambda done: None)  # (T, 3, H, W)
-    return latents, frames.permute(0, 2, 3, 1).numpy()
+    frames = tsr_stage.decode(latents.tensor(tsr_stage.device), lambda done: None)  # (T, 3, H, W)
+    return latents, frames.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def interpolated_frames(tsr_stage, latents: Clip, request: Request) -> np.ndarray:
     """The tsr stage's output for the base stage's `latents`: (T·factor-ish, H, W, 3) uint8."""
-    return tsr_stage(latents, request).data[0].transpose(1, 2, 3, 0)
+    return tsr_stage(latents, request).numpy()[0].transpose(1, 2, 3, 0)
 
 
 def super_resolved_frames(ssr_stage, frames: np.ndarray, request: Request) -> np.ndarray:
     """The ssr stage's output for frames (T, H, W, 3) uint8: (T, sH, sW, 3) uint8."""
     clip = Clip(np.ascontiguousarray(frames.transpose(3, 0, 1, 2)[None]), "pixel", request.fps, request)
-    return ssr_stage(clip, request).data[0].transpose(1, 2, 3, 0)
+    return ssr_stage(clip, request).numpy()[0].transpose(1, 2, 3, 0)
 
 
 def bicubic_upsample(frames: np.ndarray, scale: int) -> np.ndarray:

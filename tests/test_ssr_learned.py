@@ -242,7 +242,7 @@ def test_shipped_model_beats_bicubic_on_held_out_clips(scale: int) -> None:
         bicubic = np.stack([np.asarray(Image.fromarray(frame).resize(size, Image.BICUBIC)) for frame in low])
         request = Request("", "", 0, 96 // scale, 96 // scale, 4, 16.0)
         clip = stage(Clip(np.ascontiguousarray(low.transpose(3, 0, 1, 2)[None]), "pixel", 16.0, request), request)
-        learned = clip.data[0].transpose(1, 2, 3, 0)  # (T, H, W, 3)
+        learned = clip.numpy()[0].transpose(1, 2, 3, 0)  # (T, H, W, 3)
         gains.append(luma_psnr(learned, truth, scale) - luma_psnr(bicubic, truth, scale))
     assert min(gains) > 0.3, gains
 
@@ -262,7 +262,7 @@ def test_stage_runs_videos_in_order_and_warns_without_weights() -> None:
     frames = to_model_range(torch.from_numpy(data).permute(2, 0, 1, 3, 4))  # (T, B, 3, H, W)
     with torch.no_grad():
         expected = torch.stack([to_uint8(o) for o in upsample_frames(stage.upsampler, frames)])
-    np.testing.assert_array_equal(clip.data, expected.permute(1, 2, 0, 3, 4).numpy())
+    np.testing.assert_array_equal(clip.numpy(), expected.permute(1, 2, 0, 3, 4).numpy())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torch
 import run_cascade
 from cascade.config import hop_backend, load_config
 from cascade.payload import Clip, Request
+from cascade.previews import shrink_on_device
 from tests.conftest import FAST, run_cli
 
 GPU_STAGES = [f"stages.{stage}.resources.num_gpus=1" for stage in ("base", "tsr", "ssr")]
@@ -52,6 +53,18 @@ def test_clip_holds_an_array_or_a_tensor():
     assert Clip(torch.zeros(1, 16, 1, 2, 2), "latent", 16.0, request).shape == (1, 16, 1, 2, 2)
     with pytest.raises(ValueError, match="must hold float32 data, got float64"):
         Clip(torch.zeros(1, 16, 1, 2, 2, dtype=torch.float64), "latent", 16.0, request)
+
+
+def test_previews_shrink_frames_where_they_are():
+    """What a GPU stage does before its preview leaves the device: the longer side to max_side, a
+    flat frame stays flat, a ramp keeps its mean."""
+    ramp = torch.arange(256, dtype=torch.float32).repeat(64, 1)[None, None].expand(3, 2, 64, 256)  # (3, T, H, W)
+    frames = torch.cat([ramp, torch.full((3, 1, 64, 256), 77.0)], dim=1).to(torch.uint8)
+    small = shrink_on_device(frames, 32)
+    assert small.shape == (3, 3, 8, 32) and small.dtype == torch.uint8
+    assert (small[:, 2] == 77).all()
+    assert small[:, 0].float().mean().item() == pytest.approx(127.5, abs=0.5)
+    assert shrink_on_device(frames, 512) is frames
 
 
 def videos_and_manifests(out: Path) -> dict[int, tuple[bytes, dict]]:

@@ -14,7 +14,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from cascade.payload import Clip, Request
@@ -126,4 +125,4 @@ class BaseStage:
         latents = get_sampler(config.sampler)(velocity, noise, sigmas, callback=report)  # (1, 16, T', h, w)
         if not self.is_leader:
             return None
-        return Clip(latents.float().cpu().numpy().astype(np.float32), "latent", request.fps, request, notes)
+        return Clip(latents.float(), "latent", request.fps, request, notes)

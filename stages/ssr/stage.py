@@ -99,4 +99,4 @@ class SsrStage:
         output = map_frame_ranges(compute, frames, inputs, 2, torch.uint8, self.ranks)
         if output is None:
             return None
-        return Clip(output.cpu().numpy(), "pixel", clip.fps, request)
+        return Clip(output, "pixel", clip.fps, request)  # on this stage's device

@@ -128,8 +128,8 @@ class TsrStage:
                 frames = self.decode(latents, lambda done: report(done, total))
             frames = self.interpolate(frames, decoded_frames, lambda pairs, _: report(latent_frames + pairs, total))
             if frames is not None:
-                videos.append(frames.transpose(0, 1).cpu())  # (3, T, H, W)
+                videos.append(frames.transpose(0, 1))  # (3, T, H, W)
         if not self.ranks.is_leader:
             return None
-        data = torch.stack(videos).numpy()
+        data = torch.stack(videos)  # on this stage's device
         return Clip(data, "pixel", clip.fps * self.config.factor, request, {"decoded_frames": decoded_frames})
