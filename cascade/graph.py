@@ -93,7 +93,7 @@ def load_pools(pools: dict[str, StagePool], patience_s: float = 30.0) -> dict[st
         return name if len(pools[name].replicas) == 1 else f"{name} replica {replica}"
 
     groups = {label(name, replica): group for name, pool in pools.items() for replica, group in enumerate(pool.replicas)}
-    loaded = join_groups(groups, "start", patience_s)
+    loaded = join_groups(groups, patience_s)
     leaders = {name: [loaded[label(name, replica)][0] for replica in range(len(pool.replicas))]
                for name, pool in pools.items()}
     for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:]):

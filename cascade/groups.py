@@ -126,8 +126,9 @@ def check_placement(config) -> None:
 
 
 class GroupMember:
-    """What an actor needs to be one rank of a torch.distributed group; the actor class sets
-    `rank`, `world_size` and `device` ("cpu" or "cuda")."""
+    """What an actor needs to be one rank of a torch.distributed group. The actor class sets `rank`,
+    `world_size` and `device` ("cpu" or "cuda") and defines `start(address, peers)`, which
+    `join_groups` calls on every rank: it joins the group at `address` (None for one rank)."""
 
     rank: int
     world_size: int
@@ -207,8 +208,8 @@ def wait_patiently(refs: list, labels: list[str], patience_s: float, what: str) 
     return ray.get(refs)
 
 
-def join_groups(groups: dict[str, StageGroup], method: str = "start", patience_s: float = 30.0) -> dict[str, list]:
-    """Joins each group's ranks into one torch.distributed group and calls `method(address, peers)`
+def join_groups(groups: dict[str, StageGroup], patience_s: float = 30.0) -> dict[str, list]:
+    """Joins each group's ranks into one torch.distributed group and calls `start(address, peers)`
     on every rank at once (address None for a group of one rank; the leader gets the other ranks'
     handles as peers); returns each group's results in rank order. Errors of any rank are raised."""
     grouped = [name for name, group in groups.items() if len(group.ranks) > 1]
@@ -218,7 +219,7 @@ def join_groups(groups: dict[str, StageGroup], method: str = "start", patience_s
     refs, labels, owners = [], [], []
     for name, group in groups.items():
         for rank, actor in enumerate(group.ranks):
-            refs.append(getattr(actor, method).remote(addresses.get(name), group.ranks[1:] if rank == 0 else []))
+            refs.append(actor.start.remote(addresses.get(name), group.ranks[1:] if rank == 0 else []))
             labels.append(f"{name} rank {rank}" if len(group.ranks) > 1 else name)
             owners.append(name)
     results: dict[str, list] = {name: [] for name in groups}
