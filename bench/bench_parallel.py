@@ -244,7 +244,7 @@ def on_ranks(config: WanDiTConfig, element: int, layouts: list[Layout], method: 
 
     results = {}
     for layout in layouts:
-        group = start_group(rank_class, "bench", Resources(num_cpus=1), FrameParallelConfig(layout.ranks), config, element)
+        group = start_group(rank_class, Resources(num_cpus=1), FrameParallelConfig(layout.ranks), config, element)
         try:
             join_groups({"bench": group})
             results[layout] = ray.get([getattr(rank, method).remote(layout, *args) for rank in group.ranks])[0]
@@ -343,7 +343,7 @@ def run_stage(name: str, overrides: list[str], clip, request):
 
     config = load_config(None, overrides)
     section = getattr(config.stages, name)
-    group = start_group(StageWorker, name, section.resources, section.parallel, name, section, config.output)
+    group = start_group(StageWorker, section.resources, section.parallel, name, section, config.output)
     try:
         join_groups({name: group})
         return ray.get(group.leader.run.remote(clip, request)[0])

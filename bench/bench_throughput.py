@@ -65,6 +65,8 @@ class SleepingStage(GroupMember):
         self.replica, self.rank, self.world_size, self.device = replica, rank, world_size, "cpu"
 
     def start(self, address, peers) -> dict:
+        import cascade.payload  # noqa: F401  (Request's module imports torch: seconds, paid here, not in a timed call)
+
         return {"rank": self.rank}
 
     @ray.method(num_returns=2)
@@ -142,7 +144,7 @@ def main() -> None:
         one_gpu = Resources(num_gpus=1, num_cpus=1)
         for stage in STAGE_NAMES:
             pools[stage] = StagePool(stage, [
-                start_group(SleepingStage, stage, one_gpu, FrameParallelConfig(1), stage, seconds[stage], sizes[stage],
+                start_group(SleepingStage, one_gpu, FrameParallelConfig(1), stage, seconds[stage], sizes[stage],
                             replica=replica)
                 for replica in range(replicas[stage])
             ])

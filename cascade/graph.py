@@ -76,7 +76,7 @@ def create_pools(config: CascadeConfig) -> dict[str, StagePool]:
         section = getattr(config.stages, name)
         direct_ends = [hops[index - 1] if index > 0 else None, hops[index] if index < len(hops) else None]
         replicas = [
-            start_group(StageWorker, name, section.resources, section.parallel, name, section, config.output,
+            start_group(StageWorker, section.resources, section.parallel, name, section, config.output,
                         direct_transport=any(direct_ends), encode_output=(name == STAGE_NAMES[-1]), replica=replica)
             for replica in range(section.replicas)
         ]

@@ -162,7 +162,6 @@ class GroupMember:
 class StageGroup:
     """One stage's ranks: actors in rank order (rank 0 leads) and the placement group holding them."""
 
-    name: str
     ranks: list  # ray.actor.ActorHandle, rank order
     placement: PlacementGroup
 
@@ -171,7 +170,7 @@ class StageGroup:
         return self.ranks[0]
 
 
-def start_group(actor_class: type, name: str, resources, parallel, *args: Any, direct_transport: bool = False,
+def start_group(actor_class: type, resources, parallel, *args: Any, direct_transport: bool = False,
                 **kwargs: Any) -> StageGroup:
     """Starts `parallel.world_size` actors of `actor_class` (constructed with `*args`, `rank=`,
     `world_size=` and `**kwargs`) in one placement group of `parallel.placement`; returns at once
@@ -189,7 +188,7 @@ def start_group(actor_class: type, name: str, resources, parallel, *args: Any, d
         ).remote(*args, rank=rank, world_size=count, **kwargs)
         for rank in range(count)
     ]
-    return StageGroup(name, ranks, group)
+    return StageGroup(ranks, group)
 
 
 def wait_patiently(refs: list, labels: list[str], patience_s: float, what: str) -> list:

@@ -149,7 +149,7 @@ def rank_groups(ray_cluster):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
-    groups = {f"{size} ranks": start_group(DiTRank, f"dit{size}", Resources(num_cpus=1), FrameParallelConfig(size))
+    groups = {f"{size} ranks": start_group(DiTRank, Resources(num_cpus=1), FrameParallelConfig(size))
               for size in (2, 4)}
     assert join_groups(groups) == {"2 ranks": [0, 1], "4 ranks": [0, 1, 2, 3]}
     yield {len(group.ranks): group for group in groups.values()}

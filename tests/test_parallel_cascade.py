@@ -45,7 +45,7 @@ def run_group(name: str, overrides: list[str], clip, request):
 
     config = load_config(None, FAST + overrides)
     section = getattr(config.stages, name)
-    group = start_group(StageWorker, name, section.resources, section.parallel, name, section, config.output)
+    group = start_group(StageWorker, section.resources, section.parallel, name, section, config.output)
     try:
         join_groups({name: group})
         output, report = group.leader.run.remote(clip, request)
