@@ -3,8 +3,8 @@ by the tests themselves (no second copy of the comparisons).
 
     python bench/parity_report.py [--out docs/parity.md]    # from the repository root
 
-Runs the parity tests of tests/test_dit.py, test_vae.py, test_text_encoder.py and test_flows.py
-under pytest with a JUnit XML report; each of those tests records what it measured with pytest's
+Runs the parity tests of tests/test_dit.py, test_vae.py, test_text_encoder.py, test_flows.py and
+test_wan_pipeline_parity.py under pytest with a JUnit XML report; each of those tests records what it measured with pytest's
 `record_property` (the largest |ours − reference| / max |reference|, or the measured convergence
 orders). This script reads the properties back and writes them as a table.
 """
@@ -40,6 +40,10 @@ PARITY_TESTS = [
     ("sampler trajectories", "diffusers flow-matching schedulers",
      "tests/test_flows.py::test_trajectory_matches_diffusers_scheduler "
      "tests/test_flows.py::test_unipc_matches_diffusers_on_the_wan_schedule", "1e-5 relative"),
+    ("base stage, final latents (same weights, embeddings, noise, schedule)", "diffusers WanPipeline",
+     "tests/test_wan_pipeline_parity.py::test_base_stage_matches_wan_pipeline", "1e-4 relative"),
+    ("base stage with UniPC fed float 1000·σ (negative control)", "diffusers WanPipeline",
+     "tests/test_wan_pipeline_parity.py::test_float_timesteps_would_miss_the_pipeline", "must exceed 1e-3"),
     ("convergence order (Gaussian mixture, N = 32 → 64 → 128)", "closed-form velocity, RK4 solution",
      "tests/test_flows.py::test_convergence_order_away_from_data "
      "tests/test_flows.py::test_convergence_order_of_the_full_schedule", "Euler ≥ 0.9, multistep ≥ 1.5–1.8"),

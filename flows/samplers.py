@@ -5,9 +5,11 @@ Every sampler has the signature
     sample_<name>(velocity_fn, x, sigmas, callback=None) -> x at sigmas[-1]
 
 and integrates the probability-flow ODE dx/dσ = v(x, σ) from sigmas[0] down to sigmas[-1].
-`velocity_fn(x, sigma)` gets a 0-d tensor sigma (an element of `sigmas`; the caller turns it into
-the model's timestep 1000·σ) and returns the velocity v = ε − x0 of the convention
-x_σ = (1 − σ)·x0 + σ·ε. After every step `callback({"x", "i", "sigma", "denoised"})` is called
+`velocity_fn(x, sigma)` gets a 0-d tensor sigma (an element of `sigmas`) and returns the velocity
+v = ε − x0 of the convention x_σ = (1 − σ)·x0 + σ·ε. The solvers step on the float σ; the model's
+timestep is the caller's business, and `SAMPLERS` pairs each sampler with the rule its reference
+implementation uses for it (`Sampler.model_timestep`: truncated to an integer for UniPC and
+DPM-Solver++, as the official Wan2.1 samplers and diffusers' UniPC do; 1000·σ for Euler). After every step `callback({"x", "i", "sigma", "denoised"})` is called
 with the new x, the step index, the step's starting σ and the model's clean-sample estimate
 ("denoised" = x − σ·v).
 
@@ -27,10 +29,13 @@ to σ = 0 the λ-step is infinite and the first-order step lands exactly on the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from flows.schedules import TimestepRule, model_timestep_float, model_timestep_truncated
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
@@ -212,14 +217,25 @@ def sample_unipc(
     return x
 
 
-SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "dpm++2m": sample_dpmpp_2m,
-    "unipc": sample_unipc,
+SampleFn = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler and how its reference implementation feeds the model's timestep."""
+
+    sample: SampleFn  # sample(velocity_fn, x, sigmas, callback=None) -> x at sigmas[-1]
+    model_timestep: TimestepRule  # σ (a float64 element of the schedule) -> the DiT's timestep
+
+
+SAMPLERS: dict[str, Sampler] = {
+    "euler": Sampler(sample_euler, model_timestep_float),  # diffusers' FlowMatchEulerDiscreteScheduler
+    "dpm++2m": Sampler(sample_dpmpp_2m, model_timestep_truncated),  # Wan2.1's FlowDPMSolverMultistepScheduler
+    "unipc": Sampler(sample_unipc, model_timestep_truncated),  # Wan2.1's and diffusers' UniPC
 }
 
 
-def get_sampler(name: str) -> Callable[..., Tensor]:
+def get_sampler(name: str) -> Sampler:
     """The sampler registered under `name` in SAMPLERS."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; valid names are {sorted(SAMPLERS)}")

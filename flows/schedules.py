@@ -1,7 +1,8 @@
 """Noise-level (sigma) schedules for flow-matching sampling.
 
 Convention (Wan2.1): x_σ = (1 − σ)·x0 + σ·ε, σ = 1 is pure noise and σ = 0 is data; the model's
-timestep is t = 1000·σ. The timestep shift σ' = shift·σ / (1 + (shift − 1)·σ) moves sampling
+timestep is t = 1000·σ, fed as its reference sampler feeds it (`model_timestep_float`,
+`model_timestep_truncated` below). The timestep shift σ' = shift·σ / (1 + (shift − 1)·σ) moves sampling
 steps towards high noise (shift > 1) where large video models need them most.
 
 `flow_sigmas` reproduces the schedule of the official Wan2.1 UniPC sampler (its default) and of
@@ -23,12 +24,16 @@ be passed explicitly.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 TRAIN_TIMESTEPS = 1000
 """Number of discrete training timesteps of Wan2.1; the model sees t = TRAIN_TIMESTEPS·σ."""
+
+TimestepRule = Callable[[Tensor], Tensor]
+"""How a sampler's reference implementation turns a noise level σ into the DiT's timestep."""
 
 SIGMA_MAX = 1.0 - 1.0 / TRAIN_TIMESTEPS
 """Highest noise level of the training grid σ_j = j / 1000, j = 0 … 999."""
@@ -53,3 +58,18 @@ def flow_sigmas(steps: int, shift: float) -> Tensor:
     _check_shift(shift)
     evenly_spaced = torch.linspace(SIGMA_MAX, 0.0, steps + 1, dtype=torch.float64)
     return shift_sigmas(evenly_spaced, shift)
+
+
+def model_timestep_float(sigma: Tensor) -> Tensor:
+    """t = 1000·σ as a float, as diffusers' `FlowMatchEulerDiscreteScheduler` feeds it (the official
+    Wan2.1 release has no Euler solver). Formed in σ's dtype; give the float64 schedule."""
+    return sigma * TRAIN_TIMESTEPS
+
+
+def model_timestep_truncated(sigma: Tensor) -> Tensor:
+    """t = int64(1000·σ), truncated toward zero and returned as a float tensor (σ ≥ 0, so truncation
+    is floor): what the official Wan2.1 UniPC and DPM-Solver++ samplers and diffusers'
+    `UniPCMultistepScheduler` feed the DiT, while their solvers step on the float σ. They truncate
+    the float64 product; so must the caller, by passing the float64 schedule (in float32, a σ whose
+    product lands just on an integer can come out one below it)."""
+    return torch.trunc(sigma * TRAIN_TIMESTEPS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -19,6 +20,8 @@ from flows import (
     flow_sigmas,
     get_sampler,
     guided_velocity,
+    model_timestep_float,
+    model_timestep_truncated,
     noisy_sample_and_target,
     sample_dpmpp_2m,
     sample_euler,
@@ -186,8 +189,73 @@ def test_schedule_starting_at_pure_noise_stays_finite(name):
     weights must take their limits instead of producing NaN."""
     sigmas = shift_sigmas(torch.linspace(1.0, 0.0, 11, dtype=torch.float64), 5.0)
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    out = get_sampler(name)(_test_velocity_fn(), x, sigmas)
+    out = get_sampler(name).sample(_test_velocity_fn(), x, sigmas)
     assert torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's timestep: what each sampler's reference feeds the DiT
+
+
+def _model_timesteps(name, sigmas):
+    """The timesteps our stage feeds the DiT for each step of the float64 schedule `sigmas`."""
+    return torch.stack([get_sampler(name).model_timestep(sigma) for sigma in sigmas[:-1]])
+
+
+@pytest.mark.parametrize("steps, shift", [(10, 5.0), (50, 5.0), (30, 3.0), (3, 1.0), (50, 12.0)])
+def test_unipc_feeds_truncated_integer_timesteps(steps, shift):
+    """diffusers' UniPC scheduler hands the model int64(1000·σ) of the float64 schedule, as the
+    official Wan2.1 samplers do; given our schedule, it gives exactly our timesteps."""
+    sigmas = flow_sigmas(steps, shift)
+    scheduler = _unipc_scheduler(1.0)  # explicit sigmas are shifted by flow_shift: 1 keeps ours
+    scheduler.set_timesteps(sigmas=sigmas[:-1].numpy())
+    assert scheduler.timesteps.dtype == torch.int64
+    ours = _model_timesteps("unipc", sigmas)
+    assert torch.equal(ours, scheduler.timesteps.double())
+    assert not torch.equal(ours, sigmas[:-1] * 1000)  # the schedule has non-integer timesteps
+
+
+@pytest.mark.parametrize("steps, shift", [(10, 5.0), (3, 1.0), (50, 12.0)])
+def test_dpm_solver_feeds_truncated_integer_timesteps(steps, shift):
+    """diffusers' DPM-Solver++ scheduler takes no explicit sigmas; its own float64 flow schedule,
+    shift(1 − linspace(1, 1/1000)), equals ours to rounding (test_flow_sigmas_equal_diffusers_...),
+    and on it the rule gives exactly its int64 timesteps (not on ours: (3, 1.0) has 665 against its 666)."""
+    scheduler = _dpm_scheduler(shift)
+    scheduler.set_timesteps(steps)
+    grid = torch.from_numpy(1.0 - np.linspace(1.0, 1.0 / 1000, steps + 1))  # numpy's linspace, as there
+    sigmas = shift_sigmas(grid, shift).flip(0)
+    assert scheduler.timesteps.dtype == torch.int64
+    assert torch.equal(_model_timesteps("dpm++2m", sigmas), scheduler.timesteps.double())
+
+
+def test_truncated_timesteps_of_diffusers_unipc_own_schedule():
+    """diffusers' UniPCMultistepScheduler(flow_shift=5).set_timesteps(10) gives 999, 978, 952, ...:
+    the rule applied to the float64 schedule it builds (linspace(1, 1/1000), shifted, first σ less 1e-6)."""
+    scheduler = _unipc_scheduler(5.0)
+    scheduler.set_timesteps(10)
+    grid = torch.from_numpy(np.linspace(1.0, 1.0 / 1000, 11))[:-1]
+    sigmas = shift_sigmas(grid, 5.0)
+    sigmas[0] -= 1e-6
+    assert scheduler.timesteps[:3].tolist() == [999, 978, 952]
+    assert torch.equal(torch.stack([model_timestep_truncated(sigma) for sigma in sigmas]), scheduler.timesteps.double())
+
+
+def test_euler_feeds_float_timesteps_like_diffusers_flow_match_euler():
+    sigmas = flow_sigmas(10, 3.0)
+    scheduler = _euler_scheduler(1.0)
+    scheduler.set_timesteps(sigmas=sigmas[:-1].float().numpy())
+    # diffusers forms 1000·σ in float32 from float32 sigmas; we form it in float64 from the float64 schedule
+    torch.testing.assert_close(_model_timesteps("euler", sigmas).float(), scheduler.timesteps, rtol=1e-6, atol=0)
+    assert not torch.equal(_model_timesteps("euler", sigmas), _model_timesteps("unipc", sigmas))
+
+
+def test_truncation_uses_the_float64_product():
+    # σ_1 of 3 unshifted steps is 0.999·2/3 = 0.66599999...: the float64 product truncates to 665,
+    # as diffusers has it (the (3, 1.0) case above), the float32 one rounds up to 666
+    sigma = flow_sigmas(3, 1.0)[1]
+    assert model_timestep_truncated(sigma).item() == 665.0
+    assert model_timestep_truncated(sigma.float()).item() == 666.0
+    assert model_timestep_float(sigma).item() == pytest.approx(666.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,8 +460,10 @@ def test_training_sigmas_follow_the_shifted_uniform_distribution():
 
 
 def test_registry():
-    assert SAMPLERS == {"euler": sample_euler, "dpm++2m": sample_dpmpp_2m, "unipc": sample_unipc}
-    assert get_sampler("unipc") is sample_unipc
+    assert {name: sampler.sample for name, sampler in SAMPLERS.items()} == {
+        "euler": sample_euler, "dpm++2m": sample_dpmpp_2m, "unipc": sample_unipc
+    }
+    assert get_sampler("unipc") is SAMPLERS["unipc"]
     with pytest.raises(ValueError, match=r"'heun'.*\['dpm\+\+2m', 'euler', 'unipc'\]"):
         get_sampler("heun")
 
@@ -430,7 +500,7 @@ def test_bad_schedule_arguments_name_the_value(call, message):
 )
 def test_bad_sigmas_name_the_value(name, sigmas, message):
     with pytest.raises(ValueError, match=message):
-        get_sampler(name)(lambda x, sigma: x, torch.zeros(1, 2), sigmas)
+        get_sampler(name).sample(lambda x, sigma: x, torch.zeros(1, 2), sigmas)
 
 
 def test_bad_guidance_and_training_arguments_name_the_value():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.attention import attention
+from stages.base.teacache import TeaCache
 from stages.parallel import SequenceParallel
 from stages.weights import WeightsError, load_into, read_state_dict
 
@@ -324,14 +325,16 @@ class WanDiT(nn.Module):
 
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
-        sequence: Optional[SequenceParallel] = None,
+        sequence: Optional[SequenceParallel] = None, cache: TeaCache | None = None,
     ) -> torch.Tensor:
         """latents (B, in_dim, T, H, W), timestep (B,) in [0, 1000], text (B, text_len, text_dim)
         already zero-padded -> velocity (B, out_dim, T, H, W) float32. Inputs of any float dtype
         are cast to the weights' dtype inside.
 
         With `sequence` (stages/parallel.py) every rank of its group passes the same inputs and gets
-        the same velocity, each computing the blocks and the head on its own shard of the tokens."""
+        the same velocity, each computing the blocks and the head on its own shard of the tokens.
+        With `cache` (stages/base/teacache.py, one per sampling run) the blocks, and the text
+        embedding they need, run only on the steps the cache does not skip."""
         self._check_inputs(latents, timestep, text)
         batch, _, frames, height, width = latents.shape
         patch_t, patch_h, patch_w = self.config.patch_size
@@ -350,10 +353,14 @@ class WanDiT(nn.Module):
         x = F.linear(x.to(embedding.weight.dtype), embedding.weight.flatten(1), embedding.bias).float()  # (B, L or L/P, dim)
         time_embedding = self.time_embedding(timestep_embedding(timestep, self.config.freq_dim))  # (B, dim)
         time_modulation = self.time_projection(time_embedding).unflatten(1, (6, -1))  # (B, 6, dim)
-        text = self.text_embedding(text.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
 
-        for block in self.blocks:
-            x = block(x, time_modulation, text, rope, self_attention)
+        def run_blocks(x: torch.Tensor) -> torch.Tensor:  # (B, L or L/P, dim) float32, same shape out
+            context = self.text_embedding(text.to(self.text_embedding[0].weight.dtype))  # (B, text_len, dim)
+            for block in self.blocks:
+                x = block(x, time_modulation, context, rope, self_attention)
+            return x
+
+        x = run_blocks(x) if cache is None else cache(x, time_modulation, run_blocks)
         x = self.head(x, time_embedding)  # (B, L, out_dim·patch_t·patch_h·patch_w)
         if sequence is not None:
             x = sequence.gather(x, tokens, dim=1)

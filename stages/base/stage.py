@@ -5,12 +5,14 @@ The stage only wires the models to the sampling math in flows/; it knows nothing
 `DiTParallel` (stages/parallel.py), every rank of the group runs the same call: the leader alone
 holds the text encoder and broadcasts the prompt embeddings, every rank draws the same noise from the
 seed and runs the same sampler, and each DiT call is split over the group, which returns the whole
-velocity to every rank. The leader returns the clip, the other ranks None.
+velocity to every rank. The leader returns the clip, the other ranks None. With TeaCache on
+(`teacache.threshold` > 0) every rank skips the same steps (stages/base/teacache.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -19,12 +21,12 @@ import torch
 from cascade.payload import Clip, Request
 from flows import flow_sigmas, get_sampler, guided_velocity
 from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
+from stages.base.teacache import TeaCache, TeaCacheConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
 from stages.parallel import DiTParallel
 from stages.weights import dtype_from_name, load_or_init
 
 TIME_COMPRESSION, SPACE_COMPRESSION = 4, 8  # Wan VAE: 1 + 4k frames -> 1 + k latent frames, 8× space
-TRAINING_TIMESTEPS = 1000  # the DiT's timestep is 1000·σ
 
 
 @dataclass
@@ -40,6 +42,7 @@ class BaseStageConfig:
     negative_prompt: str = ""
     dtype: str = "float32"
     offload_text_encoder: bool = True  # keep the text encoder on the CPU except while encoding
+    teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)  # off unless its threshold is above 0
 
 
 class BaseStage:
@@ -104,25 +107,43 @@ class BaseStage:
     def __call__(
         self, clip: Optional[Clip], request: Request, progress: Optional[Callable[[int, int], None]] = None
     ) -> Optional[Clip]:
-        config = self.config
         notes = {}
         condition, uncondition = self.prompt_embeddings(request, notes).chunk(2)
-        run_dit = self.dit if self.parallel is None else lambda *inputs: self.parallel.forward(self.dit, *inputs)
-
-        def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            timestep = (sigma * TRAINING_TIMESTEPS).expand(x.shape[0]).to(self.device, torch.float32)
-            return run_dit(x.to(self.dtype), timestep, text).float()
-
-        velocity = guided_velocity(dit_velocity, condition, uncondition, config.guidance_scale)
         generator = torch.Generator().manual_seed(request.seed)  # CPU noise: the same on any device
         noise = torch.randn(self.latent_shape(request), generator=generator).to(self.device)
-        sigmas = flow_sigmas(config.steps, config.shift).to(self.device, torch.float32)
+        latents = self.denoise(noise, condition, uncondition, notes, progress)  # (1, 16, T', h, w)
+        if not self.is_leader:
+            return None
+        return Clip(latents.float(), "latent", request.fps, request, notes)
+
+    @torch.no_grad()
+    def denoise(
+        self, noise: torch.Tensor, condition: torch.Tensor, uncondition: torch.Tensor, notes: dict,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Runs the sampler from `noise` (B, 16, T', h, w) at the schedule's first σ to the latents at
+        σ = 0, with guidance between `condition` and `uncondition` (B, text_len, text_dim). Records in
+        `notes` the sampler's `steps` and the `model_calls`: DiT passes that ran the blocks (a guidance
+        pair counting one; fewer than the steps with TeaCache)."""
+        config = self.config
+        sampler = get_sampler(config.sampler)
+        # float64 on the CPU: the solver steps on these σ, and the timestep rule truncates them as the
+        # reference samplers do (from float64)
+        sigmas = flow_sigmas(config.steps, config.shift)
+        cache = TeaCache(config.teacache, config.steps) if config.teacache.enabled else None
+        dit = functools.partial(self.dit, cache=cache)
+        run_dit = dit if self.parallel is None else functools.partial(self.parallel.forward, dit)
+
+        def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            timestep = sampler.model_timestep(sigma).expand(x.shape[0]).to(self.device, torch.float32)
+            return run_dit(x.to(self.dtype), timestep, text).float()
 
         def report(step: dict) -> None:
             if progress is not None:
                 progress(step["i"] + 1, config.steps)
 
-        latents = get_sampler(config.sampler)(velocity, noise, sigmas, callback=report)  # (1, 16, T', h, w)
-        if not self.is_leader:
-            return None
-        return Clip(latents.float(), "latent", request.fps, request, notes)
+        velocity = guided_velocity(dit_velocity, condition, uncondition, config.guidance_scale)
+        latents = sampler.sample(velocity, noise, sigmas, callback=report)
+        notes["steps"] = config.steps
+        notes["model_calls"] = config.steps if cache is None else cache.full_passes
+        return latents
