@@ -54,7 +54,7 @@ def main() -> None:
     def timed(batch, in_flight):
         reports = []
         started = time.perf_counter()
-        results = run_pipelined(pools, batch, in_flight, lambda request, report: reports.append(report), lambda result: None)
+        results = run_pipelined(pools, batch, in_flight, lambda request, report, output: reports.append(report), lambda result: None)
         assert all(result.error is None for result in results), [result.error for result in results]
         return time.perf_counter() - started, reports
 

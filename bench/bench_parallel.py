@@ -403,11 +403,11 @@ def cascade_table(runs: int) -> None:
         try:
             load_pools(pools)
             requests = make_requests(["一个红色的球向右滚动"], config, seed=5)
-            run_pipelined(pools, requests, 1, lambda request, report: None, lambda result: None)  # warm-up
+            run_pipelined(pools, requests, 1, lambda request, report, output: None, lambda result: None)  # warm-up
             walls, stages = [], {"base": [], "tsr": [], "ssr": []}
             for _ in range(runs):
                 started = time.perf_counter()
-                run_pipelined(pools, requests, 1, lambda request, report: stages[report.stage].append(report.wall_time_s),
+                run_pipelined(pools, requests, 1, lambda request, report, output: stages[report.stage].append(report.wall_time_s),
                               lambda result: None)
                 walls.append(time.perf_counter() - started)
         finally:

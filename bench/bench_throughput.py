@@ -159,7 +159,7 @@ def main() -> None:
             with ObjectStorePeak() as store:
                 started = time.perf_counter()
                 results = run_pipelined(pools, requests, in_flight,
-                                        lambda request, report: used[report.stage].add(report.replica),
+                                        lambda request, report, output: used[report.stage].add(report.replica),
                                         lambda result: None)
                 achieved = time.perf_counter() - started
             assert all(result.error is None for result in results), [result.error for result in results]

@@ -15,17 +15,20 @@ torch.distributed group, and reports for all of them.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import ray
 import torch
 
-from cascade.groups import GroupMember
+from cascade.groups import GroupMember, rank_actor_name
+from cascade.metrics import record_peak_memory, record_stage_call
 from cascade.payload import Clip, Request
 from cascade.previews import Preview, clip_frames, make_preview
+from cascade.progress import progress_reporter
 from cascade.video import encode_mp4
 
 log = logging.getLogger(__name__)
@@ -109,19 +112,9 @@ def _describe_node() -> str:
     return platform.node()
 
 
-def _progress_bar_factory() -> Callable:
-    """tqdm bars that a Ray actor forwards to the driver's terminal, plain tqdm elsewhere."""
-    inside_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    if inside_actor:
-        from ray.experimental.tqdm_ray import tqdm
-    else:
-        from tqdm import tqdm
-    return tqdm
-
-
 class StageWorker(GroupMember):
     def __init__(self, name: str, section, output_config, encode_output: bool = False, replica: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, progress_board=None, next_stage: Optional[str] = None):
         if name not in STAGE_NAMES:
             raise ValueError(f"unknown stage {name!r}: expected one of {STAGE_NAMES}")
         self.name = name
@@ -132,6 +125,12 @@ class StageWorker(GroupMember):
         self.peers: list = []  # the leader's handles of ranks 1, 2, …
         self.stage = None
         self.device = _device_for(section.resources.num_gpus)
+        self.progress_board = progress_board  # a `cascade.progress.ProgressBoard` actor, or None
+        self.hop = f"{name}->{next_stage or 'driver'}"  # where this stage's output goes, for the metrics
+
+    def __repr__(self) -> str:
+        """How Ray's log lines and the dashboard name this actor: `cascade-base-0`, `cascade-base-0-rank1`."""
+        return rank_actor_name(f"cascade-{self.name}-{self.replica}", self.rank)
 
     def start(self, address: Optional[tuple[str, int]] = None, peers: list = ()) -> dict:
         """Joins the group at `address` (a group of several ranks; see cascade/groups.py), keeps the
@@ -150,7 +149,8 @@ class StageWorker(GroupMember):
     def describe(self) -> dict:
         """This rank's place: its device, its node and the node's GPUs Ray gave it (ids; empty on CPUs)."""
         gpus = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
-        return {"rank": self.rank, "device": _describe_device(self.device), "node": _describe_node(), "gpus": gpus}
+        return {"rank": self.rank, "device": _describe_device(self.device), "node": _describe_node(), "gpus": gpus,
+                "pid": os.getpid()}
 
     @ray.method(num_returns=2)
     def run(self, clip: Optional[Clip], request: Request):
@@ -161,8 +161,18 @@ class StageWorker(GroupMember):
         if self.encode_output:
             frames = clip_frames(output)
             out = self.output_config
-            return EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps), report
-        return replace(output, data=output.numpy()), report  # numpy: the object store's fast form
+            sent = EncodedVideo(encode_mp4(frames, output.fps, out.video_quality), frames.shape, output.fps)
+            self.record(report, len(sent.mp4), "object store")
+            return sent, report
+        sent = replace(output, data=output.numpy())  # numpy: the object store's fast form
+        self.record(report, sent.data.nbytes, "object store")
+        return sent, report
+
+    def record(self, report: StageReport, sent_bytes: int, transport: str) -> None:
+        """The call's figures for Ray's metrics endpoint (cascade/metrics.py)."""
+        batch, _, frames = report.output_shape[:3]  # (B, C, T, H, W); base: latent frames
+        record_stage_call(self.name, self.replica, report.node, report.wall_time_s, batch * frames, self.hop, transport,
+                          sent_bytes)
 
     def run_direct(self, clip: Optional[Clip], request: Request) -> Clip:
         """The leader's call when its output goes by Ray Direct Transport (called with
@@ -174,6 +184,7 @@ class StageWorker(GroupMember):
         except Exception as error:
             self.last = error
             raise
+        self.record(self.last, output.data.nbytes, "direct")
         return output
 
     def last_report(self) -> StageReport:
@@ -186,23 +197,16 @@ class StageWorker(GroupMember):
         """Runs the stage (with the peers, on a leader): (its output, its report) on the leader,
         (None, this rank's description) on another rank."""
         self.load()
-        peer_calls = [peer.run.remote(None, request) for peer in self.peers]  # they join this call
-        bar, reported = None, 0
-        bar_class = _progress_bar_factory()
-
-        def progress(done: int, total: int) -> None:
-            nonlocal bar, reported
-            if bar is None:
-                bar = bar_class(desc=f"prompt {request.index} {self.name}", total=total)
-            bar.update(done - reported)
-            reported = done
-
+        peer_calls = [peer.run.options(name=f"{self.name} prompt {request.index} rank {rank}").remote(None, request)
+                      for rank, peer in enumerate(self.peers, start=1)]  # they join this call
+        progress = None
+        if self.rank == 0 and self.progress_board is not None:
+            progress = progress_reporter(self.progress_board, request.index, self.name)
         started_at, started = time.time(), time.perf_counter()
-        output = self.stage(clip, request, progress=progress if self.rank == 0 else None)
+        output = self.stage(clip, request, progress=progress)
         wall_time, finished_at = time.perf_counter() - started, time.time()
         ranks = [self.describe(), *(ray.get([description for _, description in peer_calls]) if peer_calls else [])]
-        if bar is not None:
-            bar.close()
+        record_peak_memory(self.name, self.replica, self.rank, ranks[0]["node"], self.device)
         if self.rank != 0:
             return None, ranks[0]
         out = self.output_config

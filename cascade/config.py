@@ -117,6 +117,9 @@ class OutputConfig:
     contact_sheet_frames: int = 4  # frames per stage on the PNG contact sheet
     video_quality: int = 18  # x264 CRF of the final MP4: 0 lossless … 51 worst
     max_prompts_in_flight: int = 3  # pipelining window for a prompts file
+    # --resume starts a prompt after its last finished stage whose output was kept: the base latents
+    # always (small); tsr's frames only with this (large: 3 bytes per pixel of every frame)
+    keep_tsr_frames: bool = False
 
 
 @dataclass
@@ -130,6 +133,10 @@ class CascadeConfig:
     # fastest on CPUs, docs/SCALING.md); object_store: every hop; direct: also CPU-to-CPU hops,
     # over gloo (slower on CPUs: the variant that tests the direct path without GPUs)
     transport: str = "auto"
+    # how many times a stage call lost to a dead process (a crash, an out-of-memory kill, a lost node)
+    # runs again on the restarted actor before its prompt fails; stages of one rank restart, reload
+    # their models and rerun the call (split stages are not restarted: a lost rank fails its calls)
+    retries: int = 2
 
 
 def _config_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
@@ -147,8 +154,11 @@ def _marked_required(tree: Any, prefix: str = "") -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> CascadeConfig:
     """Reads a cascade config: defaults ← YAML file ← `key=value` overrides, then validates it.
-    Returns the resolved `CascadeConfig` dataclass (interpolations such as `${checkpoint}` filled)."""
+    Returns the resolved `CascadeConfig` dataclass (interpolations such as `${checkpoint}` filled).
+    A relative `path` missing from the working directory is looked up in the project's folder."""
     path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file() and not path.is_absolute() and (CONFIG_DIR.parent / path).is_file():
+        path = CONFIG_DIR.parent / path  # the project's configs/... from any working directory
     if not path.is_file():
         known = ", ".join(str(p.relative_to(CONFIG_DIR.parent)) for p in sorted(CONFIG_DIR.glob("*.yaml")))
         raise ConfigError(f"config file not found: {path} (known configs: {known})")
@@ -227,6 +237,7 @@ def validate(config: CascadeConfig) -> None:
         _require(section.parallel.placement in PLACEMENTS, f"stages.{stage_name}.parallel.placement",
                  section.parallel.placement, f"one of {PLACEMENTS}")
         _require(section.replicas >= 1, f"stages.{stage_name}.replicas", section.replicas, "at least 1")
+    _require(config.retries >= 0, "retries", config.retries, "0 or more")
     validate_parallel(config)
     _require(
         base.dit.text_dim == base.text_encoder.d_model,

@@ -21,6 +21,7 @@ every leader at either end of such hops joins.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -29,9 +30,14 @@ import ray
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig, hop_backend
 from cascade.groups import StageGroup, join_groups, start_group, stop_group
+from cascade.metrics import record_load, record_prompt_end
 from cascade.payload import Request
 
 log = logging.getLogger(__name__)
+
+IDLE_INTERVAL_S = 0.5  # how often the pipeline loop calls `on_idle` while it waits
+UNREACHABLE_RETRY_S = 5  # a call whose actor could not be reached is submitted again after this
+UNREACHABLE_PATIENCE_S = 180  # … until its actor has been unreachable this long
 
 
 @dataclass
@@ -55,21 +61,26 @@ class StagePool:
         replica = min(range(len(self.replicas)), key=lambda index: (self.outstanding[index], self.taken[index], index))
         self.outstanding[replica] += 1
         self.taken[replica] += 1
+        record_load(self.name, self.outstanding)
         leader = self.replicas[replica].leader
+        task = f"{self.name} prompt {request.index}"  # the name the dashboard's Tasks and Timeline show
         if self.direct is None:
-            output, report = leader.run.remote(clip, request)
+            output, report = leader.run.options(name=task).remote(clip, request)
         else:  # a direct call has one return: the report follows in the next call
-            output = leader.run_direct.options(tensor_transport=self.direct).remote(clip, request)
-            report = leader.last_report.remote()
+            output = leader.run_direct.options(tensor_transport=self.direct, name=task).remote(clip, request)
+            report = leader.last_report.options(name=f"{task} report").remote()
         return replica, output, report
 
     def finished(self, replica: int) -> None:
         self.outstanding[replica] -= 1
+        record_load(self.name, self.outstanding)
 
 
-def create_pools(config: CascadeConfig) -> dict[str, StagePool]:
+def create_pools(config: CascadeConfig, progress_board=None) -> dict[str, StagePool]:
     """Each stage's `replicas` groups of `parallel.world_size` actors, each actor asking for the
-    section's resources (custom resources pin stages to nodes of a cluster)."""
+    section's resources (custom resources pin stages to nodes of a cluster) and named
+    `cascade-<stage>-<replica>` (`-rank<r>` after the leader's name for the others). The leaders
+    send their progress to `progress_board` (a `cascade.progress.ProgressBoard` actor) if given."""
     hops = [hop_backend(config, producer, consumer) for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:])]
     pools = {}
     for index, name in enumerate(STAGE_NAMES):
@@ -77,7 +88,9 @@ def create_pools(config: CascadeConfig) -> dict[str, StagePool]:
         direct_ends = [hops[index - 1] if index > 0 else None, hops[index] if index < len(hops) else None]
         replicas = [
             start_group(StageWorker, section.resources, section.parallel, name, section, config.output,
-                        direct_transport=any(direct_ends), encode_output=(name == STAGE_NAMES[-1]), replica=replica)
+                        group_name=f"cascade-{name}-{replica}", direct_transport=any(direct_ends), retries=config.retries,
+                        encode_output=(name == STAGE_NAMES[-1]), replica=replica, progress_board=progress_board,
+                        next_stage=STAGE_NAMES[index + 1] if index + 1 < len(STAGE_NAMES) else None)
             for replica in range(section.replicas)
         ]
         pools[name] = StagePool(name, replicas, direct=direct_ends[1])
@@ -137,6 +150,8 @@ def stop_pools(pools: dict[str, StagePool]) -> None:
 
 @dataclass
 class PromptResult:
+    """How a prompt ended. `video` is set only while `on_done` runs."""
+
     request: Request
     video: Optional[EncodedVideo] = None
     error: Optional[BaseException] = None
@@ -147,43 +162,78 @@ def run_pipelined(
     pools: dict[str, StagePool],
     requests: Iterable[Request],
     max_in_flight: int,
-    on_report: Callable[[Request, StageReport], None],
+    on_report: Callable[[Request, StageReport, ray.ObjectRef], None],
     on_done: Callable[[PromptResult], None],
+    on_idle: Optional[Callable[[], None]] = None,
+    starts: Optional[dict[int, tuple[int, ray.ObjectRef]]] = None,
 ) -> list[PromptResult]:
     """Runs every request through the stages with at most `max_in_flight` prompts inside the cascade.
-    Calls `on_report` as each stage of each prompt finishes and `on_done` as each prompt ends (with
-    its video, or the error and the stage that raised it). A failed prompt does not stop the rest."""
+    Calls `on_report` as each stage of each prompt finishes (with the ref of the stage's output),
+    `on_done` as each prompt ends (with its video, or the error and the stage that raised it) and
+    `on_idle` every `IDLE_INTERVAL_S` seconds in which nothing ended. A failed prompt does not stop
+    the rest. `starts` maps a prompt's index to the stage it starts at and that stage's input (a
+    resumed prompt); the others start at the first stage.
+
+    Ray reruns a call whose actor died on the restarted actor (`retries` in the config). A call
+    whose actor could not be reached (its node lost: Ray has not yet declared it dead and restarted
+    the actor elsewhere) is submitted again with the same input every `UNREACHABLE_RETRY_S`, for up to
+    `UNREACHABLE_PATIENCE_S`. The loop returns to Python at least every `IDLE_INTERVAL_S`, so a
+    signal handler runs within that time."""
     pending_requests = iter(requests)
-    waiting: dict[ray.ObjectRef, tuple[Request, int, int, ray.ObjectRef]] = {}  # report -> (request, stage, replica, output)
+    starts = starts or {}
+    # report ref -> (request, stage, replica, output ref, input ref, when first unreachable)
+    waiting: dict[ray.ObjectRef, tuple[Request, int, int, ray.ObjectRef, Optional[ray.ObjectRef], Optional[float]]] = {}
+    again: list[tuple[float, Request, int, Optional[ray.ObjectRef], float]] = []  # (due, request, stage, input, since)
     results: dict[int, PromptResult] = {}
 
-    def submit(request: Request, stage: int, clip: Optional[ray.ObjectRef]) -> None:
+    def submit(request: Request, stage: int, clip: Optional[ray.ObjectRef], unreachable_since: Optional[float] = None) -> None:
         replica, output, report = pools[STAGE_NAMES[stage]].submit(clip, request)
-        waiting[report] = (request, stage, replica, output)
+        waiting[report] = (request, stage, replica, output, clip, unreachable_since)
 
     def admit_next() -> None:
         request = next(pending_requests, None)
         if request is not None:
             results[request.index] = PromptResult(request)
-            submit(request, 0, None)
+            submit(request, *starts.get(request.index, (0, None)))
 
     for _ in range(max_in_flight):
         admit_next()
-    while waiting:
-        [ready], _ = ray.wait(list(waiting), num_returns=1)
-        request, stage, replica, output = waiting.pop(ready)
+    while waiting or again:
+        now = time.monotonic()
+        for item in [item for item in again if item[0] <= now]:
+            again.remove(item)
+            submit(*item[1:])
+        ready_list = ray.wait(list(waiting), num_returns=1, timeout=IDLE_INTERVAL_S)[0] if waiting else []
+        if not ready_list:
+            if not waiting:  # only calls due again later
+                time.sleep(IDLE_INTERVAL_S)
+            if on_idle is not None:
+                on_idle()
+            continue
+        [ready] = ready_list
+        request, stage, replica, output, clip, unreachable_since = waiting.pop(ready)
         pools[STAGE_NAMES[stage]].finished(replica)
         result = results[request.index]
         try:
             report = ray.get(ready)  # the call's two returns are ready together
+        except ray.exceptions.ActorUnavailableError as error:
+            since = unreachable_since or time.monotonic()
+            if time.monotonic() - since < UNREACHABLE_PATIENCE_S:
+                log.warning("prompt %d: %s cannot reach its actor (a lost node?); trying again in %d s", request.index,
+                            STAGE_NAMES[stage], UNREACHABLE_RETRY_S)
+                again.append((time.monotonic() + UNREACHABLE_RETRY_S, request, stage, clip, since))
+                continue
+            result.error, result.failed_stage = error, STAGE_NAMES[stage]
         except Exception as error:  # the stage failed: the prompt ends here
             result.error, result.failed_stage = error, STAGE_NAMES[stage]
         else:
-            on_report(request, report)
+            on_report(request, report, output)
             if stage + 1 < len(STAGE_NAMES):
                 submit(request, stage + 1, output)
                 continue
             result.video = ray.get(output)
+        record_prompt_end(result.failed_stage)
         on_done(result)
+        result.video = None  # handed over: a long prompts file must not keep every video in memory
         admit_next()
     return list(results.values())

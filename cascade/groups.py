@@ -93,6 +93,28 @@ def requested_resources(config) -> dict[str, float]:
     return total
 
 
+def check_machine(config) -> None:
+    """Raises `UserError` when this one machine (a local Ray's only node) offers less than all ranks
+    of all replicas of all stages ask for together, naming the overrides that run it anyway."""
+    from cascade.actors import STAGE_NAMES
+
+    [node] = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    needed = requested_resources(config)
+    short = sorted(key for key, value in needed.items() if node.get(key, 0.0) + EPSILON < value)
+    if not short:
+        return
+    fixes = []
+    for name in STAGE_NAMES:
+        resources = getattr(config.stages, name).resources
+        if "GPU" in short and resources.num_gpus > 0:
+            fixes.append(f"stages.{name}.resources.num_gpus=0")
+        fixes += [f"stages.{name}.resources.custom.{key}=0" for key in short if resources.custom.get(key, 0) > 0]
+    offered = {key: node.get(key, 0.0) for key in needed}
+    fix = f"to run it here anyway, add {' '.join(fixes)}" if fixes else "lower stages.<stage>.replicas or .parallel"
+    raise UserError(f"the stages ask for {_describe(needed)} and this machine offers {_describe(offered)} "
+                    f"(short of {', '.join(short)}): {fix}")
+
+
 def check_placement(config) -> None:
     """Raises `UserError` naming the first stage whose ranks the connected Ray cluster can never
     place (by its nodes' total resources): one of its groups alone, or all replicas of all stages
@@ -170,40 +192,70 @@ class StageGroup:
         return self.ranks[0]
 
 
-def start_group(actor_class: type, resources, parallel, *args: Any, direct_transport: bool = False,
-                **kwargs: Any) -> StageGroup:
+def rank_actor_name(group_name: str, rank: int) -> str:
+    """The Ray actor name of one rank: the group's name for its leader, `<name>-rank<r>` for the others."""
+    return group_name if rank == 0 else f"{group_name}-rank{rank}"
+
+
+def start_group(actor_class: type, resources, parallel, *args: Any, group_name: str | None = None,
+                direct_transport: bool = False, retries: int = 0, **kwargs: Any) -> StageGroup:
     """Starts `parallel.world_size` actors of `actor_class` (constructed with `*args`, `rank=`,
     `world_size=` and `**kwargs`) in one placement group of `parallel.placement`; returns at once
-    (the actors start when the group is placed). `direct_transport` gives them the thread that Ray
-    Direct Transport receives on."""
+    (the actors start when the group is placed). With `group_name`, the actors are named after it (see
+    `rank_actor_name`; names are unique within a Ray namespace, and each run is its own namespace).
+    `direct_transport` gives them the thread that Ray Direct Transport receives on. With `retries`,
+    the actor of a one-rank group is restarted whenever its process dies and a call it lost runs
+    again, up to `retries` times per call (a rank of a larger group is not: its group would have to
+    form again)."""
     count = parallel.world_size
+    restarts = {"max_restarts": -1, "max_task_retries": retries} if retries and count == 1 else {}
     group = placement_group([rank_bundle(resources)] * count, strategy=parallel.placement)
     actor = ray.remote(enable_tensor_transport=True)(actor_class) if direct_transport else ray.remote(actor_class)
     ranks = [
         actor.options(
+            name=None if group_name is None else rank_actor_name(group_name, rank),
             num_cpus=resources.num_cpus,
             num_gpus=resources.num_gpus,
-            resources=dict(resources.custom) or None,
+            resources={key: value for key, value in resources.custom.items() if value > 0} or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+            **restarts,
         ).remote(*args, rank=rank, world_size=count, **kwargs)
         for rank in range(count)
     ]
     return StageGroup(ranks, group)
 
 
-def wait_patiently(refs: list, labels: list[str], patience_s: float, what: str) -> list:
-    """ray.get of every ref, raising the first error at once; says which (by label) are still
-    waiting every `patience_s` seconds (an actor whose resources no node has free waits)."""
-    label_of = dict(zip(refs, labels))
+def waiting_message(waiting: dict[str, StageGroup], what: str) -> str:
+    """What the ranks still waiting for are waiting on: resources no node has free yet (their
+    placement group is pending), or their own start."""
+    pending = {label: group for label, group in waiting.items()
+               if ray.util.placement_group_table(group.placement).get("state") != "CREATED"}
+    parts = []
+    if pending:
+        asks = "; ".join(f"{label} asks for {len(group.ranks)} × {_describe(group.placement.bundle_specs[0])}"
+                         for label, group in pending.items())
+        available = ray.available_resources()
+        free = {key: available.get(key, 0.0) for group in pending.values() for key in group.placement.bundle_specs[0]}
+        parts.append(f"still waiting for resources: {asks}, and the cluster has {_describe(free)} "
+                     f"free. The run goes on when nodes offering them join (an autoscaler may add them); "
+                     f"stop it with Ctrl-C")
+    placed = [label for label in waiting if label not in pending]
+    if placed:
+        parts.append(f"still waiting for {', '.join(placed)} to {what}")
+    return ". ".join(parts)
+
+
+def wait_patiently(refs: list, labels: list[str], groups: list[StageGroup], patience_s: float, what: str) -> list:
+    """ray.get of every ref, raising the first error at once; every `patience_s` seconds, says which
+    (by label) are still waiting and on what (an actor whose resources no node has free waits)."""
+    of_ref = {ref: (label, group) for ref, label, group in zip(refs, labels, groups)}
     waiting = list(refs)
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=patience_s)
         for ref in done:
             ray.get(ref)  # a failure is raised now, not after the others
         if waiting:
-            log.warning("still waiting for %s to %s: check that the cluster has their resources free "
-                        "(available now: %s)", ", ".join(label_of[ref] for ref in waiting), what,
-                        ray.available_resources())
+            log.warning("%s", waiting_message(dict(of_ref[ref] for ref in waiting), what))
     return ray.get(refs)
 
 
@@ -212,17 +264,17 @@ def join_groups(groups: dict[str, StageGroup], patience_s: float = 30.0) -> dict
     on every rank at once (address None for a group of one rank; the leader gets the other ranks'
     handles as peers); returns each group's results in rank order. Errors of any rank are raised."""
     grouped = [name for name, group in groups.items() if len(group.ranks) > 1]
-    opened = wait_patiently([groups[name].leader.open_rendezvous.remote() for name in grouped],
-                            [f"{name} rank 0" for name in grouped], patience_s, "start")
+    opened = wait_patiently([groups[name].leader.open_rendezvous.remote() for name in grouped], grouped,
+                            [groups[name] for name in grouped], patience_s, "start")
     addresses = dict(zip(grouped, opened))
-    refs, labels, owners = [], [], []
+    refs, owners = [], []
     for name, group in groups.items():
         for rank, actor in enumerate(group.ranks):
             refs.append(actor.start.remote(addresses.get(name), group.ranks[1:] if rank == 0 else []))
-            labels.append(f"{name} rank {rank}" if len(group.ranks) > 1 else name)
             owners.append(name)
     results: dict[str, list] = {name: [] for name in groups}
-    for name, value in zip(owners, wait_patiently(refs, labels, patience_s, "start and load")):
+    loaded = wait_patiently(refs, owners, [groups[name] for name in owners], patience_s, "start and load")
+    for name, value in zip(owners, loaded):
         results[name].append(value)
     return results
 

@@ -3,7 +3,15 @@
     OUT/<run-id>/video.mp4
     OUT/<run-id>/previews/{base,tsr,ssr}.gif   written the moment each stage finishes
     OUT/<run-id>/previews/{base,tsr,ssr}.png   contact sheets
-    OUT/<run-id>/manifest.json                 what was asked, what ran where, how long it took
+    OUT/<run-id>/manifest.json                 what was asked, what ran where, how long it took;
+                                               rewritten as each stage finishes and when it ends
+    OUT/<run-id>/resume/{base,tsr}.safetensors finished stages' outputs, kept for --resume until
+                                               the video is written (tsr's only if asked: large)
+    OUT/run.json                               the run's prompts, seed, config and folders: what
+                                               --resume checks and continues
+    OUT/<run-id>/report.html                   the live run page (cascade/report.py), rewritten as
+                                               each stage finishes and when the prompt ends
+    OUT/index.html                             every prompt of a prompts-file run on one live page
 
 Every file is written to a temporary name in its folder and renamed into place, so a reader never
 sees a half-written file and a crash leaves none behind. The folder is created only when the first
@@ -12,9 +20,11 @@ stage has something to write.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +34,8 @@ from pathlib import Path
 
 from cascade.actors import EncodedVideo, StageReport
 from cascade.errors import UserError
-from cascade.payload import Request
+from cascade.payload import Clip, Request, clip_from_safetensors, clip_to_safetensors
+from cascade.report import render_index_page, render_run_page
 
 SOFTWARE = ("torch", "ray", "transformers", "numpy", "av", "omegaconf", "PyWavelets", "safetensors")
 
@@ -62,13 +73,15 @@ def software_versions() -> dict[str, str]:
 
 
 class RunWriter:
-    """Writes one prompt's folder as its stages finish."""
+    """Writes one prompt's folder as its stages finish. With `resume`, `run_id` is a folder an earlier
+    run left unfinished, reopened: its finished stages' records stay in the manifest."""
 
-    def __init__(self, out_dir: Path, run_id: str, request: Request, manifest_base: dict):
-        taken = 1
-        while (out_dir / run_id).exists():  # the same seed twice in one second
-            taken += 1
-            run_id = f"{run_id.rsplit('~', 1)[0]}~{taken}"
+    def __init__(self, out_dir: Path, run_id: str, request: Request, manifest_base: dict, resume: bool = False):
+        if not resume:
+            taken = 1
+            while (out_dir / run_id).exists():  # the same seed twice in one second
+                taken += 1
+                run_id = f"{run_id.rsplit('~', 1)[0]}~{taken}"
         self.folder = out_dir / run_id
         self.request = request
         self.started = time.time()
@@ -84,10 +97,38 @@ class RunWriter:
             "stages": {},
             "files": [],
         }
+        earlier = self.folder / "manifest.json"
+        if resume and earlier.is_file():
+            previous = json.loads(earlier.read_text(encoding="utf-8"))
+            if previous.get("status") == "ok" and (self.folder / "video.mp4").is_file():
+                self.manifest = previous  # written: left as it is
+            else:
+                self.manifest["stages"] = previous.get("stages", {})
+                self.manifest["files"] = [name for name in previous.get("files", []) if (self.folder / name).is_file()]
+
+    @property
+    def written(self) -> bool:
+        """Whether this prompt's video is written (by this run or, resumed, an earlier one)."""
+        return self.manifest["status"] == "ok"
+
+    @property
+    def finished_stages(self) -> list[str]:
+        return list(self.manifest["stages"])
+
+    def _add_file(self, relative: str) -> None:
+        if relative not in self.manifest["files"]:
+            self.manifest["files"].append(relative)
 
     def _write(self, relative: str, data: bytes) -> None:
         write_atomic(self.folder / relative, data)
-        self.manifest["files"].append(relative)
+        self._add_file(relative)
+
+    def _write_manifest_and_page(self) -> None:
+        self._add_file("report.html")
+        self._add_file("manifest.json")
+        write_atomic(self.folder / "report.html", render_run_page(self.manifest).encode())
+        write_atomic(self.folder / "manifest.json",
+                     (json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n").encode())
 
     def add_report(self, report: StageReport) -> None:
         self._write(f"previews/{report.stage}.gif", report.preview.gif)
@@ -95,18 +136,119 @@ class RunWriter:
         record = asdict(report)
         del record["preview"], record["stage"], record["prompt_index"]
         self.manifest["stages"][report.stage] = record
+        self._write_manifest_and_page()
+
+    def keep_stage_output(self, stage: str, clip: Clip) -> None:
+        """Keeps a finished stage's output for --resume (resume/<stage>.safetensors)."""
+        self._write(f"resume/{stage}.safetensors", clip_to_safetensors(clip))
+
+    def kept_stage_output(self, stage: str) -> Clip | None:
+        """The output an earlier run kept for `stage`, or None."""
+        path = self.folder / "resume" / f"{stage}.safetensors"
+        return clip_from_safetensors(path.read_bytes(), self.request) if path.is_file() else None
+
+    def note_resumed(self, from_stage: str, kept: str | None) -> None:
+        self.manifest["resumed"] = {"from_stage": from_stage, "kept_output_of": kept,
+                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _end(self, status: str) -> Path:
+        self.manifest["status"] = status
+        stages = self.finished_stages
+        self.manifest["last_finished_stage"] = stages[-1] if stages else None
+        self.manifest["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
+        self.manifest["wall_time_s"] = round(time.time() - self.started, 3)
+        self._write_manifest_and_page()
+        return self.folder
 
     def finish(self, video: EncodedVideo | None, error: BaseException | None = None, failed_stage: str | None = None) -> Path:
-        """Writes the video (if any) and the manifest; returns the folder."""
+        """Writes the video (if any) and the manifest; returns the folder. Once the video is written
+        the stage outputs kept for --resume are deleted."""
         if video is not None:
             self._write("video.mp4", video.mp4)
             frames, height, width, _ = video.shape
             self.manifest["video"] = {"file": "video.mp4", "frames": frames, "height": height, "width": width, "fps": video.fps}
-        self.manifest["status"] = "ok" if error is None else "failed"
         if error is not None:
             self.manifest["error"] = {"stage": failed_stage, "message": str(error).strip().splitlines()[-1][:2000]}
-        self.manifest["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started))
-        self.manifest["wall_time_s"] = round(time.time() - self.started, 3)
-        self.manifest["files"].append("manifest.json")
-        write_atomic(self.folder / "manifest.json", (json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n").encode())
-        return self.folder
+        folder = self._end("ok" if error is None else "failed")
+        if error is None:
+            shutil.rmtree(self.folder / "resume", ignore_errors=True)
+            self.manifest["files"] = [name for name in self.manifest["files"] if not name.startswith("resume/")]
+            self._write_manifest_and_page()
+        return folder
+
+    def interrupt(self) -> Path | None:
+        """Records that the run stopped before this prompt ended (if it had begun); returns the folder."""
+        return self._end("interrupted") if self.folder.exists() else None
+
+
+class IndexWriter:
+    """Writes OUT/index.html, the live page of every prompt of a prompts-file run, from their writers."""
+
+    def __init__(self, out_dir: Path, writers: list[RunWriter]):
+        self.path = out_dir / "index.html"
+        self.writers = writers
+
+    def update(self) -> None:
+        runs = [(writer.folder.name, writer.manifest) for writer in self.writers]
+        write_atomic(self.path, render_index_page(runs).encode())
+
+
+RUN_RECORD = "run.json"
+
+
+def write_run_record(out_dir: Path, prompts: list[str], seed: int, config: dict, folders: dict[int, str]) -> None:
+    """What `--resume` needs to continue this run in `out_dir`: its prompts, first seed, resolved
+    config and each prompt's folder."""
+    record = {"prompts": prompts, "seed": seed, "config": config, "folders": {str(index): name for index, name in folders.items()}}
+    write_atomic(out_dir / RUN_RECORD, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def _first_difference(earlier, now, key: str = "") -> str | None:
+    """The dotted key of the first value that differs between two plain configs, or None."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        for name in sorted(set(earlier) | set(now)):
+            found = _first_difference(earlier.get(name), now.get(name), f"{key}.{name}" if key else name)
+            if found:
+                return found
+        return None
+    return None if earlier == now else key
+
+
+# Settings that say where and how fast the stages run, not what they make: --resume may change them.
+PLACEMENT_KEYS = ("resources", "parallel", "replicas")
+RUN_KEYS = ("retries", "transport")
+
+
+def _what_decides_the_videos(config: dict) -> dict:
+    kept = {key: value for key, value in config.items() if key not in RUN_KEYS}
+    kept["output"] = {key: value for key, value in config.get("output", {}).items() if key != "max_prompts_in_flight"}
+    kept["stages"] = {name: {key: value for key, value in section.items() if key not in PLACEMENT_KEYS}
+                      for name, section in config.get("stages", {}).items()}
+    return kept
+
+
+def read_run_record(out_dir: Path, prompts: list[str], config: dict, seed: int | None) -> dict:
+    """The record of the run `--resume` continues; raises `UserError` naming what differs when the
+    prompts, the config or an explicit seed are not the earlier run's."""
+    path = out_dir / RUN_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--resume: {out_dir} holds no earlier run ({RUN_RECORD} is missing): run without --resume") from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"--resume: cannot read {path}: {error}") from None
+    if record["prompts"] != prompts:
+        changed = next((index for index, (a, b) in enumerate(zip(record["prompts"], prompts)) if a != b), None)
+        where = (f"prompt {changed} was {record['prompts'][changed]!r}, now {prompts[changed]!r}" if changed is not None
+                 else f"{len(record['prompts'])} prompts then, {len(prompts)} now")
+        raise UserError(f"--resume: the prompts differ from the earlier run's in {out_dir} ({where}): "
+                        f"give the same prompts, or a new --out")
+    key = _first_difference(_what_decides_the_videos(record["config"]), _what_decides_the_videos(config))
+    if key is not None:
+        earlier = functools.reduce(lambda tree, part: (tree or {}).get(part), key.split("."), record["config"])
+        now = functools.reduce(lambda tree, part: (tree or {}).get(part), key.split("."), config)
+        raise UserError(f"--resume: the config differs from the earlier run's in {out_dir}: {key} was {earlier!r}, "
+                        f"now {now!r}: give the same config and overrides, or a new --out")
+    if seed is not None and seed != record["seed"]:
+        raise UserError(f"--resume: --seed {seed} differs from the earlier run's {record['seed']}: leave it out")
+    return record

@@ -9,6 +9,7 @@ to the next stage's device. A stage reads either form with `tensor(device)`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
@@ -70,3 +71,21 @@ class Clip:
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data if data.flags.writeable else data.copy())
         return data.to(device)
+
+
+def clip_to_safetensors(clip: Clip) -> bytes:
+    """A clip as safetensors bytes: its data, and its space, fps and notes as metadata."""
+    from safetensors.numpy import save
+
+    metadata = {"space": clip.space, "fps": repr(clip.fps), "notes": json.dumps(clip.notes, ensure_ascii=False)}
+    return save({"data": np.ascontiguousarray(clip.numpy())}, metadata=metadata)
+
+
+def clip_from_safetensors(data: bytes, request: Request) -> Clip:
+    """The clip `clip_to_safetensors` wrote, for `request`."""
+    from safetensors.numpy import load
+
+    header_size = int.from_bytes(data[:8], "little")  # the format: an 8-byte length, then a JSON header
+    metadata = json.loads(data[8 : 8 + header_size])["__metadata__"]
+    data_array = load(data)["data"]
+    return Clip(data_array, metadata["space"], float(metadata["fps"]), request, json.loads(metadata["notes"]))

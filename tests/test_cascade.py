@@ -87,9 +87,11 @@ def test_ray_actors_give_the_direct_result(start_workers, config, direct_outputs
     pools, loaded = start_workers(config)
     # tiny ships trained weights for every model
     assert {stage: info["warnings"] for stage, info in loaded.items()} == {"base": [], "tsr": [], "ssr": []}
-    reports, done = [], []
-    results = run_pipelined(pools, [request], 1, lambda req, rep: reports.append(rep), done.append)
+    reports, done, videos = [], [], []
+    results = run_pipelined(pools, [request], 1, lambda req, rep, output: reports.append(rep),
+                            lambda result: (done.append(result), videos.append(result.video)))
     assert results[0].error is None and done == results
+    assert results[0].video is None  # handed to on_done, then let go
     assert [report.stage for report in sorted(reports, key=lambda r: r.finished_at)] == ["base", "tsr", "ssr"]
     by_stage = {report.stage: report for report in reports}
     assert by_stage["base"].output_shape == latents.shape
@@ -97,8 +99,8 @@ def test_ray_actors_give_the_direct_result(start_workers, config, direct_outputs
     assert by_stage["ssr"].output_shape == final.shape
     # the same frames as the direct path: the MP4 bytes are identical (x264 is deterministic)
     frames_direct = np.ascontiguousarray(final.numpy()[0].transpose(1, 2, 3, 0))
-    assert results[0].video.mp4 == encode_mp4(frames_direct, final.fps, config.output.video_quality)
-    decoded, fps = read_video(results[0].video.mp4)
+    assert videos[0].mp4 == encode_mp4(frames_direct, final.fps, config.output.video_quality)
+    decoded, fps = read_video(videos[0].mp4)
     assert decoded.shape == frames_direct.shape and fps == pytest.approx(final.fps)
 
 
@@ -115,7 +117,7 @@ def test_stages_are_placed_by_custom_resources(start_workers, config):
     assert node_ids["node_a"] in loaded["base"]["node"]
     assert node_ids["node_b"] in loaded["tsr"]["node"] and node_ids["node_b"] in loaded["ssr"]["node"]
     reports = []
-    results = run_pipelined(pools, [request_for(placed)], 1, lambda req, rep: reports.append(rep), lambda r: None)
+    results = run_pipelined(pools, [request_for(placed)], 1, lambda req, rep, output: reports.append(rep), lambda r: None)
     assert results[0].error is None
     assert {report.stage: node_ids["node_a"] in report.node for report in reports} == {"base": True, "tsr": False, "ssr": False}
 
@@ -125,7 +127,7 @@ def test_prompts_are_pipelined(start_workers, config):
     requests = [request_for(config, prompt, seed=index, index=index)
                 for index, prompt in enumerate(["a red circle", "a blue square", "a green triangle"])]
     reports, finished = [], []
-    results = run_pipelined(pools, requests, 3, lambda req, rep: reports.append(rep),
+    results = run_pipelined(pools, requests, 3, lambda req, rep, output: reports.append(rep),
                             lambda result: finished.append(result.request.index))
     assert all(result.error is None for result in results) and sorted(finished) == [0, 1, 2]
     at = {(report.prompt_index, report.stage): report for report in reports}

@@ -5,6 +5,7 @@ and the settings that cannot work stopping with exit code 2 before anything is w
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import pytest
 import run_cascade
 from cascade.actors import StageWorker, build_stage
 from cascade.config import load_config
-from cascade.groups import join_groups, start_group, stop_group
+from cascade.errors import UserError
+from cascade.groups import check_placement, join_groups, start_group, stop_group
 from cascade.payload import Request
 from cascade.video import read_video
 from tests.conftest import FAST, run_cli
@@ -130,13 +132,10 @@ def test_cfg_parallel_needs_guidance(tmp_path, capsys):
     (["stages.base.resources.num_gpus=1", "stages.base.parallel.ulysses=4",
       "stages.base.parallel.cfg=2", "stages.tsr.resources.num_gpus=1"], "together ask for"),  # 9 GPUs; 8 in all
 ])
-def test_group_the_cluster_cannot_place_stops(ray_cluster, tmp_path, overrides, message):
-    out = tmp_path / "out"
-    result = run_cli("--out", str(out), "--address", ray_cluster.address, *FAST, *overrides)
-    assert result.returncode == 2, result.stderr[-3000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-3000:]
-    assert not out.exists() or not any(path.is_dir() for path in out.iterdir())
+def test_groups_the_cluster_cannot_place_are_named(ray_cluster, overrides, message):
+    """What the run says before it waits on a cluster (tests/test_first_contact.py runs the command)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_placement(load_config(None, [*FAST, *overrides]))
 
 
 def test_eight_gpu_plan_gives_each_rank_its_gpu(ray_cluster, tmp_path):

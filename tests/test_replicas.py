@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 import run_cascade
+from cascade.config import load_config
+from cascade.errors import UserError
 from cascade.graph import StagePool
+from cascade.groups import check_placement
 from tests.conftest import FAST, run_cli
 
 REPLICAS = ["stages.base.replicas=2", "stages.tsr.replicas=2", "stages.ssr.replicas=2"]
@@ -19,9 +23,13 @@ class RecordingMethod:
     def __init__(self, calls: list, replica: int):
         self.calls, self.replica = calls, replica
 
+    def options(self, name: str):
+        assert name.startswith("tsr prompt "), name  # the task's name on the dashboard
+        return self
+
     def remote(self, clip, request):
-        self.calls.append((self.replica, request))
-        return f"output of {request} on {self.replica}", f"report of {request} on {self.replica}"
+        self.calls.append((self.replica, request.index))
+        return f"output of {request.index} on {self.replica}", f"report of {request.index} on {self.replica}"
 
 
 class RecordingGroup:
@@ -34,11 +42,12 @@ class RecordingGroup:
 def test_calls_go_to_the_replica_holding_fewest():
     calls: list = []
     pool = StagePool("tsr", [RecordingGroup(calls, replica) for replica in range(3)])
-    assert [pool.submit(None, prompt)[0] for prompt in range(4)] == [0, 1, 2, 0]  # spread, then the first again
+    prompt = [SimpleNamespace(index=index) for index in range(6)]  # stand-ins for Request
+    assert [pool.submit(None, prompt[index])[0] for index in range(4)] == [0, 1, 2, 0]  # spread, then the first again
     pool.finished(1)  # replica 1 is free, 0 holds two calls, 2 holds one
-    assert pool.submit(None, 4)[0] == 1
+    assert pool.submit(None, prompt[4])[0] == 1
     pool.finished(0), pool.finished(0), pool.finished(2)  # 0 and 2 free; 1 holds one
-    assert pool.submit(None, 5)[0] == 2  # of the free ones, the one that has taken fewest calls
+    assert pool.submit(None, prompt[5])[0] == 2  # of the free ones, the one that has taken fewest calls
     assert pool.outstanding == [0, 1, 1] and pool.taken == [2, 2, 2]
     assert calls[-1] == (2, 5)
 
@@ -81,10 +90,7 @@ def test_replicas_below_one_are_refused(tmp_path, capsys):
     ["stages.base.replicas=17"],  # 17 + 1 + 1 CPUs; 18 in all
     ["stages.base.parallel.ring=6", "stages.base.replicas=3"],  # 3 groups of 6 on one node each; nodes of 10 and 8
 ])
-def test_more_replicas_than_the_cluster_places_are_refused(ray_cluster, tmp_path, overrides):
-    out = tmp_path / "out"
-    result = run_cli("--out", str(out), "--address", ray_cluster.address, *FAST, *overrides)
-    assert result.returncode == 2, result.stderr[-3000:]
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "cannot all be placed" in error_lines[0]
-    assert not any(path.is_dir() for path in out.iterdir())
+def test_more_replicas_than_the_cluster_places_are_named(ray_cluster, overrides):
+    """What the run says before it waits on a cluster (tests/test_first_contact.py runs the command)."""
+    with pytest.raises(UserError, match="cannot all be placed"):
+        check_placement(load_config(None, [*FAST, *overrides]))
