@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import random
-import signal
 import socket
 import sys
 import time
@@ -94,7 +93,7 @@ def check_address(address: str) -> None:
         raise UserError(f"cannot reach the Ray cluster at {address}: {error.strerror or error}") from None
 
 
-PROJECT_EXCLUDES = [".git", ".venv", "outputs", "runs", "docs", "tests", "bench", "*.egg-info", "__pycache__", ".*_cache"]
+PROJECT_EXCLUDES = ["outputs", "runs", "docs", "tests", "bench", "*.egg-info", "__pycache__", ".*_cache"]
 TOKEN_PLACES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 
@@ -197,29 +196,6 @@ def make_requests(prompts: list[str], config, seed: int) -> list:
     ]
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived: the run stops, recording where each prompt got to."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_on_signals() -> None:
-    """The first SIGINT (Ctrl-C) or SIGTERM raises `Interrupted` in the main thread; a second one
-    exits at once, with the same code."""
-    def exit_now(signum: int, frame) -> None:
-        os._exit(128 + signum)
-
-    def interrupt(signum: int, frame) -> None:
-        for each in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(each, exit_now)
-        raise Interrupted(signum)
-
-    for each in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(each, interrupt)
-
-
 def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
     import ray
 
@@ -236,6 +212,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
         write_run_record,
     )
     from cascade.progress import ProgressBoard, status_line
+    from cascade.signals import Interrupted, stop_on_signals
 
     prompts = read_prompts(args)
     config = load_config(args.config, args.overrides)
@@ -246,7 +223,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
     requests = make_requests(prompts, config, seed)
 
     start_ray(args.address, config)
-    stop_on_signals()  # after Ray's start, which sets its own SIGTERM handler
+    restore_signal_handlers = stop_on_signals()  # after Ray's start, which sets its own SIGTERM handler
     pools, writers, results, unwritten = {}, {}, [], set()
     update_index = lambda: None  # noqa: E731 (a prompts-file run replaces it)
     try:
@@ -334,6 +311,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
                   len(stopped), sum(folder is not None for folder in stopped))
         return 128 + interruption.signum
     finally:
+        restore_signal_handlers()
         if args.address is None:
             ray.shutdown()
         elif ray.is_initialized():

@@ -31,6 +31,7 @@ from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig, hop_backend
 from cascade.groups import StageGroup, join_groups, start_group, stop_group
 from cascade.metrics import record_load, record_prompt_end
+from cascade.signals import check_stop
 from cascade.payload import Request
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def run_pipelined(
     Ray reruns a call whose actor died on the restarted actor (`retries` in the config). A call
     whose actor could not be reached (its node lost: Ray has not yet declared it dead and restarted
     the actor elsewhere) is submitted again with the same input every `UNREACHABLE_RETRY_S`, for up to
-    `UNREACHABLE_PATIENCE_S`. The loop returns to Python at least every `IDLE_INTERVAL_S`, so a
-    signal handler runs within that time."""
+    `UNREACHABLE_PATIENCE_S`. The loop looks for a stopping signal (`cascade.signals`) at least every
+    `IDLE_INTERVAL_S`."""
     pending_requests = iter(requests)
     starts = starts or {}
     # report ref -> (request, stage, replica, output ref, input ref, when first unreachable)
@@ -199,6 +200,7 @@ def run_pipelined(
     for _ in range(max_in_flight):
         admit_next()
     while waiting or again:
+        check_stop()
         now = time.monotonic()
         for item in [item for item in again if item[0] <= now]:
             again.remove(item)

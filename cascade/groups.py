@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cascade.errors import UserError
+from cascade.signals import check_stop
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +249,19 @@ def waiting_message(waiting: dict[str, StageGroup], what: str) -> str:
 
 def wait_patiently(refs: list, labels: list[str], groups: list[StageGroup], patience_s: float, what: str) -> list:
     """ray.get of every ref, raising the first error at once; every `patience_s` seconds, says which
-    (by label) are still waiting and on what (an actor whose resources no node has free waits)."""
+    (by label) are still waiting and on what (an actor whose resources no node has free waits).
+    Looks for a stopping signal (`cascade.signals`) every half second."""
     of_ref = {ref: (label, group) for ref, label, group in zip(refs, labels, groups)}
     waiting = list(refs)
+    said = time.monotonic()
     while waiting:
-        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=patience_s)
+        check_stop()
+        done, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
         for ref in done:
             ray.get(ref)  # a failure is raised now, not after the others
-        if waiting:
+        if waiting and time.monotonic() - said >= patience_s:
             log.warning("%s", waiting_message(dict(of_ref[ref] for ref in waiting), what))
+            said = time.monotonic()
     return ray.get(refs)
 
 

@@ -14,7 +14,9 @@ cascade's Grafana dashboard):
     ray_cascade_prompts_failed_total     counter    stage                      the driver
 
 In flight: prompts whose call a stage's replicas hold (running or queued); queued: those of them
-waiting behind another call on their replica. Peak memory is the device's (CUDA's allocator peak on
+waiting behind another call on their replica. Ray 2.60 exports a histogram's `_sum` from the
+midpoints of the buckets its samples fell in, not from the samples, so a mean taken as sum/count is
+only as fine as `STAGE_SECONDS_BOUNDARIES`; the counts per bucket are exact. Peak memory is the device's (CUDA's allocator peak on
 a GPU, the process's peak resident memory on the CPU) since the rank started.
 """
 

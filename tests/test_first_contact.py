@@ -104,7 +104,7 @@ def read_lines(stream, lines: queue.Queue) -> None:
 
 def test_a_cluster_that_cannot_place_the_stages_is_waited_for(ray_cluster, tmp_path):
     """9 GPUs asked of a cluster of 8: the run says so, waits (an autoscaler may add a node) and
-    writes nothing; stopping it leaves the cluster's resources free."""
+    writes nothing; Ctrl-C stops it cleanly and leaves the cluster's resources free."""
     command = [str(COMMAND), "--out", "out", "--address", ray_cluster.address, *FAST,
                "stages.base.resources.num_gpus=1", "stages.base.parallel.ulysses=4", "stages.base.parallel.cfg=2",
                "stages.tsr.resources.num_gpus=1"]
@@ -125,9 +125,16 @@ def test_a_cluster_that_cannot_place_the_stages_is_waited_for(ray_cluster, tmp_p
         time.sleep(3)
         assert process.poll() is None, "the run stopped instead of waiting:\n" + "".join(seen)
         assert not any(path.is_dir() for path in (tmp_path / "out").iterdir())
+        process.send_signal(signal.SIGINT)  # Ctrl-C while it waits: a clean stop
+        assert process.wait(timeout=15) == 130
+        time.sleep(0.5)  # the reader thread takes the last lines
+        while not lines.empty():
+            seen.append(lines.get())
+        assert "Traceback" not in "".join(seen) and "interrupted by SIGINT" in "".join(seen), "".join(seen)
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=30)
     deadline = time.monotonic() + 60  # Ray frees the job's placement groups once it sees the driver gone
     import ray
 
