@@ -201,7 +201,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
 
     from cascade.config import load_config, to_plain_dict
     from cascade.errors import UserError
-    from cascade.graph import create_pools, load_pools, run_pipelined, stop_pools
+    from cascade.graph import StageLost, create_pools, load_pools, run_pipelined, stop_pools
     from cascade.groups import check_machine, check_placement
     from cascade.outputs import (
         IndexWriter,
@@ -300,16 +300,18 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
             if board is not None:
                 status.show(status_line(ray.get(board.take.remote())))
 
-        results = run_pipelined(pools, to_run, config.output.max_prompts_in_flight, on_report, on_done, on_idle, starts)
+        results = run_pipelined(pools, to_run, config.output.max_prompts_in_flight, on_report, on_done, on_idle, starts,
+                                config.patience_s)
         status.show("")
-    except Interrupted as interruption:
+    except (Interrupted, StageLost) as stop:
         status.show("")
         stopped = [writer.interrupt() for writer in writers.values() if writer.manifest["status"] == "running"]
         update_index()
-        log.error("interrupted by %s: %d prompt(s) stopped before their video (%d begun, their manifests say "
-                  "where they got to); run the same command with --resume to finish them", interruption,
-                  len(stopped), sum(folder is not None for folder in stopped))
-        return 128 + interruption.signum
+        cause = f"interrupted by {stop}" if isinstance(stop, Interrupted) else f"stopped: {stop}"
+        log.error("%s: %d prompt(s) stopped before their video (%d begun, their manifests say where they got to); "
+                  "run the same command with --resume to finish them", cause, len(stopped),
+                  sum(folder is not None for folder in stopped))
+        return 128 + stop.signum if isinstance(stop, Interrupted) else 1
     finally:
         restore_signal_handlers()
         if args.address is None:

@@ -137,6 +137,9 @@ class CascadeConfig:
     # runs again on the restarted actor before its prompt fails; stages of one rank restart, reload
     # their models and rerun the call (split stages are not restarted: a lost rank fails its calls)
     retries: int = 2
+    # how long a stage whose node was lost may take to come back (on a node that offers its resources)
+    # before the run stops, leaving its unfinished prompts to --resume
+    patience_s: float = 180.0
 
 
 def _config_error(error: OmegaConfBaseException, origin: str) -> ConfigError:
@@ -238,6 +241,7 @@ def validate(config: CascadeConfig) -> None:
                  section.parallel.placement, f"one of {PLACEMENTS}")
         _require(section.replicas >= 1, f"stages.{stage_name}.replicas", section.replicas, "at least 1")
     _require(config.retries >= 0, "retries", config.retries, "0 or more")
+    _require(config.patience_s > 0, "patience_s", config.patience_s, "a number of seconds above 0")
     validate_parallel(config)
     _require(
         base.dit.text_dim == base.text_encoder.d_model,

@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 IDLE_INTERVAL_S = 0.5  # how often the pipeline loop calls `on_idle` while it waits
 UNREACHABLE_RETRY_S = 5  # a call whose actor could not be reached is submitted again after this
-UNREACHABLE_PATIENCE_S = 180  # … until its actor has been unreachable this long
+
+
+class StageLost(Exception):
+    """A stage's replica lost its node and no node has offered its resources for `patience_s`."""
 
 
 @dataclass
@@ -149,6 +152,32 @@ def stop_pools(pools: dict[str, StagePool]) -> None:
             stop_group(group)
 
 
+PLACEMENT_CHECK_S = 2.0  # how often the pipeline loop asks whether every replica is still placed
+
+
+def check_placed(pools: dict[str, StagePool], unplaced: dict[tuple[str, int], float], patience_s: float) -> None:
+    """Notes the replicas whose placement group is not placed (its node lost) and says what they
+    wait for; raises `StageLost` once one has waited `patience_s`."""
+    from ray.util import placement_group_table
+
+    now = time.monotonic()
+    for name, pool in pools.items():
+        for replica, group in enumerate(pool.replicas):
+            key = (name, replica)
+            if placement_group_table(group.placement).get("state") == "CREATED":
+                if unplaced.pop(key, None) is not None:
+                    log.info("%s replica %d is placed again", name, replica)
+                continue
+            bundle = group.placement.bundle_specs[0]
+            if key not in unplaced:
+                unplaced[key] = now
+                log.warning("WARNING %s replica %d lost its place (a node lost?): waiting up to %.0f s for a node "
+                            "that offers %s per rank", name, replica, patience_s, bundle)
+            elif now - unplaced[key] >= patience_s:
+                raise StageLost(f"{name} replica {replica} lost its node and no node has offered {bundle} per rank "
+                                f"for {patience_s:.0f} s")
+
+
 @dataclass
 class PromptResult:
     """How a prompt ended. `video` is set only while `on_done` runs."""
@@ -167,6 +196,7 @@ def run_pipelined(
     on_done: Callable[[PromptResult], None],
     on_idle: Optional[Callable[[], None]] = None,
     starts: Optional[dict[int, tuple[int, ray.ObjectRef]]] = None,
+    patience_s: float = 180.0,
 ) -> list[PromptResult]:
     """Runs every request through the stages with at most `max_in_flight` prompts inside the cascade.
     Calls `on_report` as each stage of each prompt finishes (with the ref of the stage's output),
@@ -178,7 +208,9 @@ def run_pipelined(
     Ray reruns a call whose actor died on the restarted actor (`retries` in the config). A call
     whose actor could not be reached (its node lost: Ray has not yet declared it dead and restarted
     the actor elsewhere) is submitted again with the same input every `UNREACHABLE_RETRY_S`, for up to
-    `UNREACHABLE_PATIENCE_S`. The loop looks for a stopping signal (`cascade.signals`) at least every
+    `patience_s`. A replica whose placement group lost its node waits for a node that offers its
+    resources; after `patience_s` without one, `StageLost` is raised (the prompts not ended can be
+    resumed). The loop looks for a stopping signal (`cascade.signals`) at least every
     `IDLE_INTERVAL_S`."""
     pending_requests = iter(requests)
     starts = starts or {}
@@ -199,9 +231,14 @@ def run_pipelined(
 
     for _ in range(max_in_flight):
         admit_next()
+    unplaced: dict[tuple[str, int], float] = {}  # (stage, replica) -> since when its group is not placed
+    checked = 0.0
     while waiting or again:
         check_stop()
         now = time.monotonic()
+        if now - checked >= PLACEMENT_CHECK_S:
+            check_placed(pools, unplaced, patience_s)
+            checked = now
         for item in [item for item in again if item[0] <= now]:
             again.remove(item)
             submit(*item[1:])
@@ -220,7 +257,7 @@ def run_pipelined(
             report = ray.get(ready)  # the call's two returns are ready together
         except ray.exceptions.ActorUnavailableError as error:
             since = unreachable_since or time.monotonic()
-            if time.monotonic() - since < UNREACHABLE_PATIENCE_S:
+            if time.monotonic() - since < patience_s:
                 log.warning("prompt %d: %s cannot reach its actor (a lost node?); trying again in %d s", request.index,
                             STAGE_NAMES[stage], UNREACHABLE_RETRY_S)
                 again.append((time.monotonic() + UNREACHABLE_RETRY_S, request, stage, clip, since))

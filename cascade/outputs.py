@@ -216,7 +216,7 @@ def _first_difference(earlier, now, key: str = "") -> str | None:
 
 # Settings that say where and how fast the stages run, not what they make: --resume may change them.
 PLACEMENT_KEYS = ("resources", "parallel", "replicas")
-RUN_KEYS = ("retries", "transport")
+RUN_KEYS = ("retries", "patience_s", "transport")
 
 
 def _what_decides_the_videos(config: dict) -> dict:

@@ -137,8 +137,9 @@ def files_of(out: Path) -> dict[str, bytes]:
     return {str(path.relative_to(out)): path.read_bytes() for path in out.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_run_records_where_it_stopped_and_resume_finishes_it(ray_cluster, fault_free, tmp_path, signum):
+@pytest.mark.parametrize("signum, resume", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_interrupted_run_records_where_it_stopped_and_resume_finishes_it(ray_cluster, fault_free, tmp_path, signum,
+                                                                          resume):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "out"
@@ -160,6 +161,8 @@ def test_interrupted_run_records_where_it_stopped_and_resume_finishes_it(ray_clu
             assert manifest["status"] == "interrupted"
             assert manifest["last_finished_stage"] == list(manifest["stages"])[-1]
     written_before = {name: data for name, data in files_of(out).items() if name.startswith(first["run_id"])}
+    if not resume:  # how a stopped run is resumed does not depend on the signal that stopped it
+        return
 
     process = start_run(out, prompts_file, ray_cluster.address, "--resume")
     _, stderr = process.communicate(timeout=300)
@@ -295,5 +298,35 @@ def test_lost_node_stage_comes_back_on_another(fault_free, tmp_path):
         moved = [json.loads((folder / "manifest.json").read_text())["stages"]["tsr"]["ranks"][0]["node"]
                  for folder in out.iterdir() if folder.is_dir()]
         assert any(lost[0].node_id not in node for node in moved)  # later prompts ran on the other node
+    finally:
+        cluster.shutdown()
+
+
+def test_lost_node_with_no_other_stops_clearly_and_resume_finishes(fault_free, tmp_path):
+    """The only node that offers `spare` (tsr's) is removed after the first video: the run waits
+    `patience_s` for another, stops with exit code 1 and one line, the begun prompts' manifests say
+    `interrupted`; once a node offering `spare` joins, --resume writes every video."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False})
+    try:
+        node = cluster.add_node(num_cpus=1, resources={"spare": 1})
+        cluster.wait_for_nodes()
+        extra = ["stages.tsr.resources.custom={spare: 1}", "stages.tsr.resources.num_cpus=0", "patience_s=6"]
+        out = tmp_path / "out"
+        returncode, stderr = run_with_faults(out, cluster.address, [lambda manifest: cluster.remove_node(node)], *extra)
+        assert returncode == 1, stderr[-3000:]
+        assert "Traceback" not in stderr
+        [line] = [line for line in stderr.splitlines() if line.startswith("stopped: ")]
+        assert "tsr replica 0 lost its node" in line and "--resume" in line, line
+        statuses = [json.loads(path.read_text())["status"] for path in out.glob("*/manifest.json")]
+        assert "ok" in statuses and set(statuses) <= {"ok", "interrupted"}, statuses
+
+        cluster.add_node(num_cpus=1, resources={"spare": 1})
+        cluster.wait_for_nodes()
+        process = start_run(out, out.parent / "prompts.txt", cluster.address, *extra, "--resume")
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        check_every_video(out, fault_free, stderr)
     finally:
         cluster.shutdown()
