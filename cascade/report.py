@@ -34,7 +34,7 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; backgrou
 h1 { font-size: 20px; margin: 0 0 4px; } h2 { font-size: 16px; margin: 24px 0 8px; }
 .muted { color: #666; } .small { font-size: 12px; }
 .status { padding: 1px 8px; border-radius: 9px; color: #fff; font-size: 12px; }
-.status.running { background: #4e79a7; } .status.ok { background: #2e7d32; } .status.failed { background: #c62828; }
+.status.running { background: #4e79a7; } .status.ok { background: #2e7d32; } .status.failed { background: #c62828; } .status.interrupted { background: #8d6e63; }
 .error { background: #fdecea; border-left: 4px solid #c62828; padding: 8px 12px; white-space: pre-wrap; }
 .warnings { background: #fff8e1; border-left: 4px solid #f9a825; padding: 8px 12px 8px 28px; margin: 12px 0; }
 .stages { display: flex; gap: 16px; flex-wrap: wrap; }
@@ -85,7 +85,8 @@ def render_index_page(runs: list[tuple[str, dict]]) -> str:
     """Every prompt of a prompts-file run, for index.html in --out. `runs` pairs each run folder,
     relative to the page, with its manifest, in prompt order."""
     statuses = [manifest["status"] for _, manifest in runs]
-    counts = ", ".join(f"{statuses.count(status)} {status}" for status in ("ok", "failed", "running") if status in statuses)
+    counts = ", ".join(f"{statuses.count(status)} {status}" for status in ("ok", "failed", "interrupted", "running")
+                       if status in statuses)
     warnings = list(dict.fromkeys(warning for _, manifest in runs for warning in manifest["warnings"]))
     header = "".join(f"<th>{stage}</th>" for stage in STAGE_NAMES)
     body = [
