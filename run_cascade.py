@@ -263,7 +263,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
         if len(requests) > 1:
             update_index = IndexWriter(args.out, list(writers.values())).update
         update_index()
-        to_run, starts = plan_resume(requests, writers, pools) if record else (requests, {})
+        to_run, starts = plan_resume(requests, writers) if record else (requests, {})
         keep = {"base", *(["tsr"] if config.output.keep_tsr_frames else [])}
 
         def on_report(request, report, output) -> None:
@@ -322,9 +322,9 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
     return 1 if failed else 0
 
 
-def plan_resume(requests: list, writers: dict, pools: dict) -> tuple[list, dict]:
+def plan_resume(requests: list, writers: dict) -> tuple[list, dict]:
     """Which prompts an earlier run left to do, and the stage each starts at: after the last stage
-    whose output it kept (its input put in the object store), or at the first stage."""
+    whose output it kept (that output put in the object store as its input), or at the first stage."""
     import ray
 
     from cascade.actors import STAGE_NAMES
@@ -335,15 +335,12 @@ def plan_resume(requests: list, writers: dict, pools: dict) -> tuple[list, dict]
         if writer.written:
             log.info("prompt %d: already written in %s, skipped", request.index, writer.folder)
             continue
-        kept = next((stage for stage in reversed(STAGE_NAMES[:-1]) if writer.kept_stage_output(stage) is not None), None)
-        start = STAGE_NAMES.index(kept) + 1 if kept else 0
-        writer.manifest["stages"] = {stage: entry for stage, entry in writer.manifest["stages"].items()
-                                     if stage in STAGE_NAMES[:start]}
-        writer.note_resumed(STAGE_NAMES[start], kept)
-        if kept:
-            starts[request.index] = (start, ray.put(writer.kept_stage_output(kept)))
-            log.info("prompt %d: resumes at %s from the %s output kept in %s", request.index, STAGE_NAMES[start],
-                     kept, writer.folder)
+        kept_stage, kept_clip = writer.last_kept_output(STAGE_NAMES[:-1]) or (None, None)
+        start = writer.resume(STAGE_NAMES, kept_stage)
+        if kept_stage:
+            starts[request.index] = (STAGE_NAMES.index(start), ray.put(kept_clip))
+            log.info("prompt %d: resumes at %s from the %s output kept in %s", request.index, start, kept_stage,
+                     writer.folder)
         to_run.append(request)
     return to_run, starts
 

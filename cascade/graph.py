@@ -31,13 +31,14 @@ from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig, hop_backend
 from cascade.groups import StageGroup, join_groups, start_group, stop_group
 from cascade.metrics import record_load, record_prompt_end
-from cascade.signals import check_stop
 from cascade.payload import Request
+from cascade.signals import check_stop
 
 log = logging.getLogger(__name__)
 
 IDLE_INTERVAL_S = 0.5  # how often the pipeline loop calls `on_idle` while it waits
 UNREACHABLE_RETRY_S = 5  # a call whose actor could not be reached is submitted again after this
+PLACEMENT_CHECK_S = 2.0  # how often the pipeline loop asks whether every replica is still placed
 
 
 class StageLost(Exception):
@@ -152,23 +153,18 @@ def stop_pools(pools: dict[str, StagePool]) -> None:
             stop_group(group)
 
 
-PLACEMENT_CHECK_S = 2.0  # how often the pipeline loop asks whether every replica is still placed
-
-
 def check_placed(pools: dict[str, StagePool], unplaced: dict[tuple[str, int], float], patience_s: float) -> None:
     """Notes the replicas whose placement group is not placed (its node lost) and says what they
     wait for; raises `StageLost` once one has waited `patience_s`."""
-    from ray.util import placement_group_table
-
     now = time.monotonic()
     for name, pool in pools.items():
         for replica, group in enumerate(pool.replicas):
             key = (name, replica)
-            if placement_group_table(group.placement).get("state") == "CREATED":
+            if group.placed():
                 if unplaced.pop(key, None) is not None:
                     log.info("%s replica %d is placed again", name, replica)
                 continue
-            bundle = group.placement.bundle_specs[0]
+            bundle = group.rank_resources
             if key not in unplaced:
                 unplaced[key] = now
                 log.warning("WARNING %s replica %d lost its place (a node lost?): waiting up to %.0f s for a node "

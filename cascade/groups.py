@@ -193,6 +193,15 @@ class StageGroup:
     def leader(self):
         return self.ranks[0]
 
+    @property
+    def rank_resources(self) -> dict[str, float]:
+        return self.placement.bundle_specs[0]
+
+    def placed(self) -> bool:
+        """Whether the group holds its resources (not while they wait for a node, or a lost node's
+        bundles wait for another)."""
+        return ray.util.placement_group_table(self.placement).get("state") == "CREATED"
+
 
 def rank_actor_name(group_name: str, rank: int) -> str:
     """The Ray actor name of one rank: the group's name for its leader, `<name>-rank<r>` for the others."""
@@ -230,14 +239,13 @@ def start_group(actor_class: type, resources, parallel, *args: Any, group_name: 
 def waiting_message(waiting: dict[str, StageGroup], what: str) -> str:
     """What the ranks still waiting for are waiting on: resources no node has free yet (their
     placement group is pending), or their own start."""
-    pending = {label: group for label, group in waiting.items()
-               if ray.util.placement_group_table(group.placement).get("state") != "CREATED"}
+    pending = {label: group for label, group in waiting.items() if not group.placed()}
     parts = []
     if pending:
-        asks = "; ".join(f"{label} asks for {len(group.ranks)} × {_describe(group.placement.bundle_specs[0])}"
+        asks = "; ".join(f"{label} asks for {len(group.ranks)} × {_describe(group.rank_resources)}"
                          for label, group in pending.items())
         available = ray.available_resources()
-        free = {key: available.get(key, 0.0) for group in pending.values() for key in group.placement.bundle_specs[0]}
+        free = {key: available.get(key, 0.0) for group in pending.values() for key in group.rank_resources}
         parts.append(f"still waiting for resources: {asks}, and the cluster has {_describe(free)} "
                      f"free. The run goes on when nodes offering them join (an autoscaler may add them); "
                      f"stop it with Ctrl-C")

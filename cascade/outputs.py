@@ -20,7 +20,6 @@ stage has something to write.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -50,6 +49,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, value) -> None:
+    write_atomic(path, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def check_writable(out_dir: Path) -> None:
@@ -127,8 +130,7 @@ class RunWriter:
         self._add_file("report.html")
         self._add_file("manifest.json")
         write_atomic(self.folder / "report.html", render_run_page(self.manifest).encode())
-        write_atomic(self.folder / "manifest.json",
-                     (json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n").encode())
+        write_json(self.folder / "manifest.json", self.manifest)
 
     def add_report(self, report: StageReport) -> None:
         self._write(f"previews/{report.stage}.gif", report.preview.gif)
@@ -142,14 +144,24 @@ class RunWriter:
         """Keeps a finished stage's output for --resume (resume/<stage>.safetensors)."""
         self._write(f"resume/{stage}.safetensors", clip_to_safetensors(clip))
 
-    def kept_stage_output(self, stage: str) -> Clip | None:
-        """The output an earlier run kept for `stage`, or None."""
-        path = self.folder / "resume" / f"{stage}.safetensors"
-        return clip_from_safetensors(path.read_bytes(), self.request) if path.is_file() else None
+    def last_kept_output(self, stages: tuple[str, ...]) -> tuple[str, Clip] | None:
+        """The latest of `stages` (in order) whose output an earlier run kept, and that output."""
+        for stage in reversed(stages):
+            path = self.folder / "resume" / f"{stage}.safetensors"
+            if path.is_file():
+                return stage, clip_from_safetensors(path.read_bytes(), self.request)
+        return None
 
-    def note_resumed(self, from_stage: str, kept: str | None) -> None:
-        self.manifest["resumed"] = {"from_stage": from_stage, "kept_output_of": kept,
+    def resume(self, stages: tuple[str, ...], kept: str | None) -> str:
+        """Starts this prompt again after the stage `kept` (None: from the first of `stages`): the
+        records of the stages after it go, the manifest says where it resumed. Returns the stage it
+        resumes at."""
+        start = stages.index(kept) + 1 if kept else 0
+        self.manifest["stages"] = {stage: entry for stage, entry in self.manifest["stages"].items()
+                                   if stage in stages[:start]}
+        self.manifest["resumed"] = {"from_stage": stages[start], "kept_output_of": kept,
                                     "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return stages[start]
 
     def _end(self, status: str) -> Path:
         self.manifest["status"] = status
@@ -167,14 +179,12 @@ class RunWriter:
             self._write("video.mp4", video.mp4)
             frames, height, width, _ = video.shape
             self.manifest["video"] = {"file": "video.mp4", "frames": frames, "height": height, "width": width, "fps": video.fps}
-        if error is not None:
-            self.manifest["error"] = {"stage": failed_stage, "message": str(error).strip().splitlines()[-1][:2000]}
-        folder = self._end("ok" if error is None else "failed")
         if error is None:
             shutil.rmtree(self.folder / "resume", ignore_errors=True)
             self.manifest["files"] = [name for name in self.manifest["files"] if not name.startswith("resume/")]
-            self._write_manifest_and_page()
-        return folder
+        else:
+            self.manifest["error"] = {"stage": failed_stage, "message": str(error).strip().splitlines()[-1][:2000]}
+        return self._end("ok" if error is None else "failed")
 
     def interrupt(self) -> Path | None:
         """Records that the run stopped before this prompt ended (if it had begun); returns the folder."""
@@ -200,18 +210,19 @@ def write_run_record(out_dir: Path, prompts: list[str], seed: int, config: dict,
     """What `--resume` needs to continue this run in `out_dir`: its prompts, first seed, resolved
     config and each prompt's folder."""
     record = {"prompts": prompts, "seed": seed, "config": config, "folders": {str(index): name for index, name in folders.items()}}
-    write_atomic(out_dir / RUN_RECORD, (json.dumps(record, indent=2, ensure_ascii=False) + "\n").encode())
+    write_json(out_dir / RUN_RECORD, record)
 
 
-def _first_difference(earlier, now, key: str = "") -> str | None:
-    """The dotted key of the first value that differs between two plain configs, or None."""
+def _first_difference(earlier, now, key: str = "") -> tuple[str, object, object] | None:
+    """(dotted key, earlier value, value now) of the first value that differs between two plain
+    configs, or None."""
     if isinstance(earlier, dict) and isinstance(now, dict):
         for name in sorted(set(earlier) | set(now)):
             found = _first_difference(earlier.get(name), now.get(name), f"{key}.{name}" if key else name)
             if found:
                 return found
         return None
-    return None if earlier == now else key
+    return None if earlier == now else (key, earlier, now)
 
 
 # Settings that say where and how fast the stages run, not what they make: --resume may change them.
@@ -243,10 +254,9 @@ def read_run_record(out_dir: Path, prompts: list[str], config: dict, seed: int |
                  else f"{len(record['prompts'])} prompts then, {len(prompts)} now")
         raise UserError(f"--resume: the prompts differ from the earlier run's in {out_dir} ({where}): "
                         f"give the same prompts, or a new --out")
-    key = _first_difference(_what_decides_the_videos(record["config"]), _what_decides_the_videos(config))
-    if key is not None:
-        earlier = functools.reduce(lambda tree, part: (tree or {}).get(part), key.split("."), record["config"])
-        now = functools.reduce(lambda tree, part: (tree or {}).get(part), key.split("."), config)
+    difference = _first_difference(_what_decides_the_videos(record["config"]), _what_decides_the_videos(config))
+    if difference is not None:
+        key, earlier, now = difference
         raise UserError(f"--resume: the config differs from the earlier run's in {out_dir}: {key} was {earlier!r}, "
                         f"now {now!r}: give the same config and overrides, or a new --out")
     if seed is not None and seed != record["seed"]:
