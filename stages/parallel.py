@@ -362,5 +362,5 @@ def map_frame_ranges(
         send_tensor(result, 0, ranks)
         return None
     pieces = [result] + [receive_tensor(index, dtype, ranks) for index in range(1, ranks.size) if len(inputs[index])]
-    return torch.cat(pieces, dim=dim)
+    return result if len(pieces) == 1 else torch.cat(pieces, dim=dim)  # one piece: no second copy of a long clip
 

@@ -7,6 +7,9 @@ Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_w
   nearest of the eight world directions to its motion, over at least `MIN_MOTION` of the frame);
 - `is_monotonic`: after frame interpolation the centroid still advances along the direction at
   every frame, up to `MONOTONIC_TOLERANCE` pixels of jitter;
+- `check_long_clip`: a clip longer than the base stage's window, read as segments of one window's
+  frames: the colour and the direction of every segment, and the frame-to-frame change at the
+  windows' joints against the largest change elsewhere;
 - `detail_over_bicubic`: the high-frequency energy (mean squared Laplacian of the luma) of the
   spatial super-resolution over that of bicubic upsampling of the same frames.
 
@@ -57,6 +60,44 @@ def check_base_clip(frames: np.ndarray, case: PromptCase) -> PromptCheck:
     if motion < MIN_MOTION * frames.shape[2]:
         direction = "none"
     return PromptCheck(case, measurement.colour, measurement.hue, direction, motion)
+
+
+class LongClipCheck(NamedTuple):
+    segments: list[PromptCheck]  # one per segment of one window's frames
+    joint_change: float  # largest mean |frame − previous| across a window's first or last latent frame
+    inside_change: float  # largest one elsewhere
+
+    @property
+    def colour_holds(self) -> bool:
+        return all(segment.colour_matches for segment in self.segments)
+
+    @property
+    def direction_holds(self) -> bool:
+        return all(segment.direction_matches for segment in self.segments)
+
+    @property
+    def joints_smooth(self) -> bool:
+        return self.joint_change <= self.inside_change
+
+
+def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int]],
+                    time_compression: int = 4) -> LongClipCheck:
+    """frames (T, H, W, 3) uint8 decoded from latents denoised as `windows` ([start, stop) latent
+    frames, as the base stage notes them). Segments are the frames of one window's length (1 +
+    4·(W − 1)), one every 4·(W − 1) frames, each checked as `check_base_clip` does. A joint is
+    the boundary between two latent frames where a window starts or stops: latent frame b decodes to
+    frames 4b − 3 … 4b (b ≥ 1), so the change across it is from frame 4b − 4 to frame 4b − 3."""
+    window = windows[0][1] - windows[0][0]
+    segment, stride = 1 + time_compression * (window - 1), time_compression * (window - 1)
+    starts = range(0, frames.shape[0] - segment + 1, stride)
+    segments = [check_base_clip(frames[start:start + segment], case) for start in starts]
+    latent_frames = windows[-1][1]
+    boundaries = {bound for span in windows for bound in span if 0 < bound < latent_frames}
+    joints = {time_compression * (bound - 1) for bound in boundaries}  # index into the changes
+    changes = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # (T − 1,)
+    inside = [change for index, change in enumerate(changes) if index not in joints]
+    joint = max((changes[index] for index in joints), default=0.0)
+    return LongClipCheck(segments, float(joint), float(max(inside)))
 
 
 def progress_along(frames: np.ndarray, direction: str) -> np.ndarray:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from stages.pixels import to_model_range, to_uint8
 from stages.tsr import (
     ClassicalFlowConfig,
     ClassicalFlowInterpolator,
@@ -296,5 +297,13 @@ def test_interpolate_frames_rejects_bad_factors(factor):
 def test_interpolate_frames_rejects_empty_and_integer_clips():
     with pytest.raises(ValueError, match=r"T >= 1.*\(0, 3, 8, 8\)"):
         interpolate_frames(torch.rand(0, 3, 8, 8), 2, blend_interpolator)
-    with pytest.raises(ValueError, match="uint8"):
-        interpolate_frames(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), 2, blend_interpolator)
+    with pytest.raises(ValueError, match="int64"):
+        interpolate_frames(torch.zeros(3, 3, 8, 8, dtype=torch.int64), 2, blend_interpolator)
+
+
+def test_interpolate_frames_takes_uint8_clips_batch_by_batch():
+    """uint8 frames give what converting the whole clip to [-1, 1] and rounding the result gives,
+    converted a batch of pairs at a time."""
+    frames = torch.randint(0, 256, (7, 3, 8, 8), dtype=torch.uint8)
+    whole = to_uint8(interpolate_frames(to_model_range(frames), 3, blend_interpolator))
+    assert torch.equal(interpolate_frames(frames, 3, blend_interpolator, pairs_per_batch=2), whole)

@@ -17,7 +17,8 @@ from stages.ssr.stage import SsrStage
 from stages.tsr.stage import TsrStage
 from stages.world import held_out_prompts
 from stages.world_checks import (
-    base_frames, check_base_clip, detail_over_bicubic, interpolated_frames, is_monotonic, request_in_config,
+    base_frames, check_base_clip, check_long_clip, detail_over_bicubic, interpolated_frames, is_monotonic,
+    request_in_config,
 )
 
 PROMPTS = 48
@@ -25,6 +26,8 @@ SEED = 1234  # + the prompt's index; the seeds bench/eval_world.py uses
 REQUIRED_PASS_RATE = 0.9
 MONOTONIC_CLIPS = 8
 DETAIL_CLIPS = 4
+LONG_CLIPS = 6
+LONG_VIDEO = ["video.num_frames=49", "stages.base.window.latent_frames=5", "stages.base.window.overlap=2"]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +86,19 @@ def test_super_resolved_clips_have_more_detail_than_bicubic(tiny, generated):
     _, (_, _, ssr) = tiny
     for case, request, _, frames, _ in generated[:DETAIL_CLIPS]:
         assert detail_over_bicubic(ssr, frames, request) > 1.0, case.prompt
+
+
+def test_long_clips_by_windows_keep_the_colour_with_smooth_joints(tiny):
+    """49 frames (13 latent frames) from windows of 5 latent frames (the DiT's 17 training frames)
+    overlapping by 2: every 17-frame segment shows the prompt's colour, and no frame-to-frame change
+    at a window joint exceeds the largest change elsewhere in the clip. Whether each segment also
+    keeps the prompt's direction is measured in docs/long_video.md: with this DiT it does not."""
+    _, (_, tsr, _) = tiny
+    config = load_config(None, LONG_VIDEO)
+    base = BaseStage(config.stages.base)
+    for index, case in enumerate(held_out_prompts(LONG_CLIPS)):
+        latents, frames = base_frames(base, tsr, request_in_config(case, SEED + index, config))
+        assert frames.shape[0] == 49 and latents.notes["windows"] == [[0, 5], [3, 8], [5, 10], [8, 13]]
+        check = check_long_clip(frames, case, latents.notes["windows"])
+        assert check.colour_holds, (case.prompt, [segment.colour for segment in check.segments])
+        assert check.joints_smooth, (case.prompt, check.joint_change, check.inside_change)

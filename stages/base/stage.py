@@ -7,6 +7,10 @@ holds the text encoder and broadcasts the prompt embeddings, every rank draws th
 seed and runs the same sampler, and each DiT call is split over the group, which returns the whole
 velocity to every rank. The leader returns the clip, the other ranks None. With TeaCache on
 (`teacache.threshold` > 0) every rank skips the same steps (stages/base/teacache.py).
+
+With windows on (`window.latent_frames` > 0) a clip longer than a window is denoised as overlapping
+windows whose velocities are blended at every step (flows/windows.py); each window is its own DiT
+call, with its own TeaCache.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from cascade.payload import Clip, Request
 from flows import flow_sigmas, get_sampler, guided_velocity
+from flows.windows import WindowConfig, window_spans, windowed_velocity
 from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.teacache import TeaCache, TeaCacheConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
@@ -43,6 +48,7 @@ class BaseStageConfig:
     dtype: str = "float32"
     offload_text_encoder: bool = True  # keep the text encoder on the CPU except while encoding
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)  # off unless its threshold is above 0
+    window: WindowConfig = field(default_factory=WindowConfig)  # off unless latent_frames is above 0
 
 
 class BaseStage:
@@ -124,26 +130,38 @@ class BaseStage:
         """Runs the sampler from `noise` (B, 16, T', h, w) at the schedule's first σ to the latents at
         σ = 0, with guidance between `condition` and `uncondition` (B, text_len, text_dim). Records in
         `notes` the sampler's `steps` and the `model_calls`: DiT passes that ran the blocks (a guidance
-        pair counting one; fewer than the steps with TeaCache)."""
+        pair counting one, each window counting one; fewer than steps × windows with TeaCache), and
+        with windows on, the `windows` as [start, stop) latent frames."""
         config = self.config
         sampler = get_sampler(config.sampler)
         # float64 on the CPU: the solver steps on these σ, and the timestep rule truncates them as the
         # reference samplers do (from float64)
         sigmas = flow_sigmas(config.steps, config.shift)
-        cache = TeaCache(config.teacache, config.steps) if config.teacache.enabled else None
-        dit = functools.partial(self.dit, cache=cache)
-        run_dit = dit if self.parallel is None else functools.partial(self.parallel.forward, dit)
+        frames = noise.shape[2]
+        window = config.window
+        spans = window_spans(frames, window.latent_frames, window.overlap) if window.enabled else [(0, frames)]
+        caches = [TeaCache(config.teacache, config.steps) if config.teacache.enabled else None for _ in spans]
 
-        def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-            timestep = sampler.model_timestep(sigma).expand(x.shape[0]).to(self.device, torch.float32)
-            return run_dit(x.to(self.dtype), timestep, text).float()
+        def window_dit(cache: TeaCache | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+            dit = functools.partial(self.dit, cache=cache)
+            run_dit = dit if self.parallel is None else functools.partial(self.parallel.forward, dit)
+
+            def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+                timestep = sampler.model_timestep(sigma).expand(x.shape[0]).to(self.device, torch.float32)
+                return run_dit(x.to(self.dtype), timestep, text).float()
+
+            return dit_velocity
+
+        guided = [guided_velocity(window_dit(cache), condition, uncondition, config.guidance_scale) for cache in caches]
+        velocity = windowed_velocity(lambda index, x, sigma: guided[index](x, sigma), spans)
 
         def report(step: dict) -> None:
             if progress is not None:
                 progress(step["i"] + 1, config.steps)
 
-        velocity = guided_velocity(dit_velocity, condition, uncondition, config.guidance_scale)
         latents = sampler.sample(velocity, noise, sigmas, callback=report)
         notes["steps"] = config.steps
-        notes["model_calls"] = config.steps if cache is None else cache.full_passes
+        if window.enabled:
+            notes["windows"] = [list(span) for span in spans]
+        notes["model_calls"] = sum(config.steps if cache is None else cache.full_passes for cache in caches)
         return latents

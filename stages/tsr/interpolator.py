@@ -21,6 +21,7 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
+from stages.pixels import to_model_range, to_uint8
 from stages.tsr.flow import ClassicalFlowConfig, estimate_flow
 from stages.tsr.warp import backward_warp
 
@@ -133,16 +134,19 @@ def interpolate_frames(
     """Raise the frame rate of a clip by an integer factor.
 
     frames (T, C, H, W) → ((T − 1)·factor + 1, C, H, W): factor − 1 new frames between each
-    neighbouring pair, the originals kept exactly at positions i·factor. Pairs go through the
-    interpolator `pairs_per_batch` at a time to bound memory; `progress(done_pairs, total_pairs)` is
-    called after each batch.
+    neighbouring pair, the originals kept exactly at positions i·factor. Frames are float in
+    [−1, 1] or uint8; uint8 frames are brought to [−1, 1] a batch at a time and the new frames
+    rounded back, so a long uint8 clip never exists in float. Pairs go through the interpolator
+    `pairs_per_batch` at a time to bound memory; `progress(done_pairs, total_pairs)` is called
+    after each batch.
     """
     if isinstance(factor, bool) or not isinstance(factor, int) or not 1 <= factor <= MAX_FACTOR:
         raise ValueError(f"factor must be an int from 1 to {MAX_FACTOR}, got {factor!r}")
     if frames.dim() != 4 or frames.shape[0] < 1:
         raise ValueError(f"frames must be (T, C, H, W) with T >= 1, got shape {tuple(frames.shape)}")
-    if not frames.is_floating_point():
-        raise ValueError(f"frames must be floating point, got {frames.dtype}")
+    as_uint8 = frames.dtype == torch.uint8
+    if not (frames.is_floating_point() or as_uint8):
+        raise ValueError(f"frames must be floating point in [-1, 1] or uint8, got {frames.dtype}")
     if pairs_per_batch < 1:
         raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
     if factor == 1 or frames.shape[0] == 1:
@@ -153,7 +157,10 @@ def interpolate_frames(
     output[::factor] = frames
     for start in range(0, total_pairs, pairs_per_batch):
         stop = min(start + pairs_per_batch, total_pairs)
-        middles = interpolator(frames[start:stop], frames[start + 1 : stop + 1], times)  # (factor−1, P, C, H, W)
+        batch = to_model_range(frames[start : stop + 1]) if as_uint8 else frames[start : stop + 1]
+        middles = interpolator(batch[:-1], batch[1:], times)  # (factor−1, P, C, H, W)
+        if as_uint8:
+            middles = to_uint8(middles)
         for step in range(1, factor):
             output[start * factor + step : stop * factor : factor] = middles[step - 1]
         if progress is not None:

@@ -24,7 +24,7 @@ import torch
 from cascade.payload import Clip, Request
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
 from stages.parallel import SINGLE_RANK, RankGroup, broadcast_shape, map_frame_ranges, split_evenly
-from stages.pixels import to_model_range, to_uint8
+from stages.pixels import to_uint8
 from stages.tsr.flow import ClassicalFlowConfig
 from stages.tsr.interpolator import ClassicalFlowInterpolator, FrameInterpolator, interpolate_frames
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
@@ -102,7 +102,7 @@ class TsrStage:
 
         def compute(local: torch.Tensor, rank: int) -> torch.Tensor:
             report = progress if rank == 0 else None
-            output = to_uint8(interpolate_frames(to_model_range(local), factor, self.interpolator, progress=report))
+            output = interpolate_frames(local, factor, self.interpolator, progress=report)  # uint8, in bounded memory
             return output if pairs[rank].stop >= count - 1 else output[:-1]
 
         return map_frame_ranges(compute, frames, inputs, 0, torch.uint8, self.ranks)

@@ -1,0 +1,108 @@
+"""Evaluates long clips of the embedded tiny cascade: 49 frames (13 latent frames) from a DiT trained
+on 17 (5 latent frames), denoised as one clip or as overlapping windows (`stages.base.window`).
+Prints a table and writes it to docs/long_video.md between the markers there. From the repository root:
+
+    python bench/eval_long_video.py [--prompts 24] [--frames 49] [key=value config overrides]
+
+Each held-out prompt (`stages.world.held_out_prompts`, seed SEED + index as bench/eval_world.py)
+runs through the base stage under each variant; its latents are decoded by the tsr stage's VAE and
+read back by `stages.world_checks.check_long_clip`: the clip is cut into segments of one window's
+frames (17, one every 16), and the rates are of clips whose every segment has the prompt's colour
+("colour holds"), every segment the prompt's direction ("direction holds"), the whole clip the
+prompt's direction from the first to the last sighting of its object, and no frame-to-frame change
+at a window joint above the largest change elsewhere ("joints smooth"; without windows, the joints
+of the 5/2 windows are read, for comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY_ROOT))
+
+import torch  # noqa: E402
+
+from cascade.config import load_config  # noqa: E402
+from cascade.outputs import write_atomic  # noqa: E402
+from flows.windows import window_spans  # noqa: E402
+from stages.base.stage import BaseStage  # noqa: E402
+from stages.tsr.stage import TsrStage  # noqa: E402
+from stages.world import held_out_prompts  # noqa: E402
+from stages.world_checks import base_frames, check_base_clip, check_long_clip, request_in_config  # noqa: E402
+
+SEED = 1234  # + the prompt's index, as bench/eval_world.py and the tests
+DOC_PATH = REPOSITORY_ROOT / "docs" / "long_video.md"
+BEGIN, END = "<!-- eval_long_video: begin -->", "<!-- eval_long_video: end -->"
+VARIANTS = {  # name -> overrides
+    "one clip of 13 latent frames (no windows)": [],
+    "windows of 5, overlap 1": ["stages.base.window.latent_frames=5", "stages.base.window.overlap=1"],
+    "windows of 5, overlap 2": ["stages.base.window.latent_frames=5", "stages.base.window.overlap=2"],
+    "windows of 5, overlap 3": ["stages.base.window.latent_frames=5", "stages.base.window.overlap=3"],
+    "windows of 5, overlap 2, no TeaCache": [
+        "stages.base.window.latent_frames=5", "stages.base.window.overlap=2", "stages.base.teacache.threshold=0",
+    ],
+}
+COMPARISON_WINDOW = (5, 2)  # whose joints a clip without windows is read at
+
+
+def evaluate(overrides: list[str], prompts: int) -> dict[str, float]:
+    config = load_config(None, overrides)
+    base, tsr = BaseStage(config.stages.base), TsrStage(config.stages.tsr)
+    counts = {"colour holds": 0, "direction holds": 0, "whole-clip direction": 0, "joints smooth": 0}
+    calls = seconds = 0.0
+    for index, case in enumerate(held_out_prompts(prompts)):
+        request = request_in_config(case, SEED + index, config)
+        started = time.perf_counter()
+        latents, frames = base_frames(base, tsr, request)
+        seconds += time.perf_counter() - started
+        windows = latents.notes.get("windows") or [list(span) for span in window_spans(latents.shape[2], *COMPARISON_WINDOW)]
+        check = check_long_clip(frames, case, windows)
+        counts["colour holds"] += check.colour_holds
+        counts["direction holds"] += check.direction_holds
+        counts["whole-clip direction"] += check_base_clip(frames, case).direction_matches
+        counts["joints smooth"] += check.joints_smooth
+        calls += latents.notes["model_calls"]
+    return {**{name: count / prompts for name, count in counts.items()},
+            "DiT passes": calls / prompts, "s per clip": seconds / prompts}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=24)
+    parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    columns = ["colour holds", "direction holds", "whole-clip direction", "joints smooth", "DiT passes", "s per clip"]
+    lines = [
+        f"{args.prompts} held-out prompts, {args.frames} frames at 128×128, tiny config"
+        + (f" with {' '.join(args.overrides)}" if args.overrides else "") + f", {args.threads} threads:",
+        "",
+        "| variant | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, overrides in VARIANTS.items():
+        result = evaluate([f"video.num_frames={args.frames}", *args.overrides, *overrides], args.prompts)
+        cells = [f"{result[column]:.0%}" if column not in ("DiT passes", "s per clip") else f"{result[column]:.1f}"
+                 for column in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        text = DOC_PATH.read_text()
+        if BEGIN not in text or END not in text:
+            raise SystemExit(f"{DOC_PATH} lacks the markers {BEGIN} and {END}")
+        head, rest = text.split(BEGIN, 1)
+        write_atomic(DOC_PATH, (head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
