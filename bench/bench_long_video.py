@@ -2,6 +2,7 @@
 4× the DiT's training length (17 frames, 5 latent frames). From the repository root:
 
     python bench/bench_long_video.py [--frames 17 33 65] [--threads 2] [key=value ...]
+    python bench/bench_long_video.py --parts "base with windows" "base as one clip" -- [key=value ...]
 
 Parts, each run in a fresh subprocess per length:
 
@@ -108,6 +109,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[17, 33, 65])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), metavar="PART",
+                        help=f"which parts to measure (default all: {', '.join(PARTS)})")
     parser.add_argument("--worker", nargs=2, metavar=("PART", "FRAMES"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -117,7 +120,7 @@ def main() -> int:
     lengths = [f"{frames} ({frames / args.frames[0]:.0f}×)" for frames in args.frames]
     print("| part | frames | s | peak MiB | output MiB | working MiB (peak − output) |")
     print("|---|---|---|---|---|---|")
-    for part in PARTS:
+    for part in args.parts:
         for frames, length in zip(args.frames, lengths):
             result = measure(part, frames, args.threads, args.overrides)
             print(f"| {part} | {length} | {result['seconds']:.2f} | {result['peak_mib']:.1f} | "
