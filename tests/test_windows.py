@@ -2,14 +2,16 @@
 fewest windows that keep the overlap, the blend weights are a partition of unity that ramps across
 each overlap, a model that does not look past a frame samples the same clip with or without
 windows, the base stage's windowed denoising equals a reference loop written out here (each window
-a DiT call of W latent frames, velocities averaged on shared frames), and bad settings are named.
-The tiny world's 49-frame check is in tests/test_world_cascade.py."""
+a DiT call of W latent frames, velocities averaged on shared frames), the long-clip check reads
+the changes at the joints, and bad settings are named. The tiny world's 49-frame check is in
+tests/test_world_cascade.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,8 @@ from flows import flow_sigmas, sample_euler
 from flows.windows import WindowConfig, blend_weights, window_spans, windowed_velocity
 from stages.base.stage import BaseStage
 from stages.base.teacache import TeaCacheConfig
+from stages.world import held_out_prompts
+from stages.world_checks import check_long_clip
 from tests.test_parallel import SMALL_DIT, random_dit
 
 
@@ -145,6 +149,23 @@ def test_teacache_decides_per_window():
     stage.denoise(torch.randn(1, 16, 3, 4, 4, generator=generator), condition, uncondition, single)
     assert len(notes["windows"]) == 3 and single["model_calls"] < 8
     assert notes["model_calls"] == 3 * single["model_calls"]
+
+
+def test_the_long_clip_check_reads_the_changes_at_the_joints():
+    """49 frames in windows [0, 5), [3, 8), [5, 10), [8, 13): the joints are the latent boundaries 3,
+    5, 8 and 10, so the frame changes 8→9, 16→17, 28→29 and 36→37. A grey ramp changes by 1 level
+    per frame; a jump of 10 more lands at a joint or inside a window."""
+    windows = [[0, 5], [3, 8], [5, 10], [8, 13]]
+    case = held_out_prompts(1)[0]
+    ramp = np.broadcast_to(np.arange(49, dtype=np.uint8)[:, None, None, None], (49, 8, 8, 3)).copy()
+    at_joint, inside = ramp.copy(), ramp.copy()
+    at_joint[17:] += 10  # the change 16 → 17
+    inside[21:] += 10  # the change 20 → 21
+    check = check_long_clip(at_joint, case, windows)
+    assert (check.joint_change, check.inside_change, check.joints_smooth) == (11.0, 1.0, False)
+    assert len(check.segments) == 3  # frames 0–16, 16–32, 32–48
+    check = check_long_clip(inside, case, windows)
+    assert (check.joint_change, check.inside_change, check.joints_smooth) == (1.0, 11.0, True)
 
 
 @pytest.mark.parametrize("override, message", [
