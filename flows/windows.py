@@ -110,7 +110,7 @@ def windowed_velocity(
         shape[frame_dim] = -1
         for index, (start, stop) in enumerate(spans):
             window = window_velocity(index, x.narrow(frame_dim, start, stop - start).contiguous(), sigma)
-            weight = weights[index, start:stop].to(x.dtype).view(shape)
+            weight = weights[index, start:stop].to(x.device, x.dtype).view(shape)  # on x's device (a GPU)
             blended.narrow(frame_dim, start, stop - start).add_(window * weight)
         return blended
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cascade.payload import Clip, Request
+from stages.base.stage import TIME_COMPRESSION
 from stages.world import DIRECTIONS, PromptCase, measure_clip, motion_direction
 
 MIN_MOTION = 0.06  # share of the frame side the object must move over the clip (the slow speed moves 0.19)
@@ -80,20 +81,19 @@ class LongClipCheck(NamedTuple):
         return self.joint_change <= self.inside_change
 
 
-def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int]],
-                    time_compression: int = 4) -> LongClipCheck:
+def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int]]) -> LongClipCheck:
     """frames (T, H, W, 3) uint8 decoded from latents denoised as `windows` ([start, stop) latent
     frames, as the base stage notes them). Segments are the frames of one window's length (1 +
     4·(W − 1)), one every 4·(W − 1) frames, each checked as `check_base_clip` does. A joint is
     the boundary between two latent frames where a window starts or stops: latent frame b decodes to
     frames 4b − 3 … 4b (b ≥ 1), so the change across it is from frame 4b − 4 to frame 4b − 3."""
     window = windows[0][1] - windows[0][0]
-    segment, stride = 1 + time_compression * (window - 1), time_compression * (window - 1)
+    segment, stride = 1 + TIME_COMPRESSION * (window - 1), TIME_COMPRESSION * (window - 1)
     starts = range(0, frames.shape[0] - segment + 1, stride)
     segments = [check_base_clip(frames[start:start + segment], case) for start in starts]
     latent_frames = windows[-1][1]
     boundaries = {bound for span in windows for bound in span if 0 < bound < latent_frames}
-    joints = {time_compression * (bound - 1) for bound in boundaries}  # index into the changes
+    joints = {TIME_COMPRESSION * (bound - 1) for bound in boundaries}  # index into the changes
     changes = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # (T − 1,)
     inside = [change for index, change in enumerate(changes) if index not in joints]
     joint = max((changes[index] for index in joints), default=0.0)

@@ -82,6 +82,14 @@ def test_a_frame_local_model_samples_the_same_clip_with_or_without_windows():
     torch.testing.assert_close(whole, target, rtol=1e-5, atol=1e-5)  # Euler on this flow lands on the target
 
 
+def test_the_blend_follows_the_device_and_dtype_of_the_clip():
+    """The weights are made on the CPU; the clip may live on a GPU. The meta device stands in for one
+    here: a CPU weight meeting a clip elsewhere would raise."""
+    velocity = windowed_velocity(lambda index, x, sigma: 2 * x, window_spans(5, 3, 1))
+    on_meta = velocity(torch.zeros(1, 2, 5, 2, 2, device="meta", dtype=torch.float16), torch.tensor(0.5))
+    assert (on_meta.device.type, on_meta.dtype, on_meta.shape) == ("meta", torch.float16, (1, 2, 5, 2, 2))
+
+
 def windowed_stage(steps: int = 4, **window) -> BaseStage:
     config = load_config(None, [f"stages.base.steps={steps}", "stages.base.sampler=euler", "stages.base.shift=3",
                                 "stages.base.guidance_scale=4"]).stages.base
