@@ -1,5 +1,6 @@
 """CPU benchmark: the base stage's sampling against diffusers' WanPipeline, same weights, prompt
-embeddings, noise, steps, guidance and sampler, without and with TeaCache. From the repository root:
+embeddings, noise, steps, guidance and sampler, without and with TeaCache, and both with their
+transformer blocks compiled by torch.compile. From the repository root:
 
     python bench/bench_base_stage.py [--height 256 --width 256 --frames 17] [--rounds 2] [--threads 1] [key=value ...]
 
@@ -13,7 +14,9 @@ two transformer calls) and its scheduler set to our schedule (the config's sampl
 FlowMatchEulerDiscreteScheduler, unipc -> UniPCMultistepScheduler). After one warm-up video each,
 the variants alternate for `--rounds` rounds; the table gives each one's median wall and process CPU
 time, and as ratios the median over rounds of ours / diffusers within a round (on a shared machine
-the CPU time with --threads 1 is the steadier number).
+the CPU time with --threads 1 is the steadier number). "Compiled" is regional compilation on both
+sides: ours `stages.base.compile` (WanDiT.compile_blocks), diffusers' `compile_repeated_blocks()`;
+the warm-up video pays the compilation, the timed ones do not.
 
 Peak memory: each variant in a fresh subprocess; after setup and one warm-up video it resets the
 kernel's peak-RSS counter (5 into /proc/self/clear_refs) and reports VmHWM − VmRSS-before over one
@@ -26,6 +29,7 @@ distance from the uncached, and diffusers' video's from ours).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -57,7 +61,7 @@ from stages.tsr.stage import TsrStage  # noqa: E402
 
 PROMPT = "一个红色的球向右滚动"  # the tiny cascade's default prompt
 SEED = 5
-VARIANTS = ("ours", "ours + TeaCache", "diffusers")
+VARIANTS = ("ours", "ours + TeaCache", "diffusers", "ours, compiled", "diffusers, compiled")
 
 
 def diffusers_transformer(dit: WanDiT) -> WanTransformer3DModel:
@@ -93,10 +97,15 @@ class Setup:
         self.condition, self.uncondition = self.base.prompt_embeddings(self.request, {}).chunk(2)
         generator = torch.Generator().manual_seed(SEED)
         self.noise = torch.randn(self.base.latent_shape(self.request), generator=generator)
+        self.eager_dit = self.base.dit
+        self.compiled_dit = copy.deepcopy(self.base.dit)  # compiles on its first call
+        self.compiled_dit.compile_blocks()
         self.transformer = diffusers_transformer(self.base.dit)
+        self.compiled_transformer = diffusers_transformer(self.base.dit)
+        self.compiled_transformer.compile_repeated_blocks()
         self.tsr_config = config.stages.tsr
 
-    def pipeline(self) -> WanPipeline:
+    def pipeline(self, transformer: WanTransformer3DModel) -> WanPipeline:
         sigmas = flow_sigmas(self.config.steps, self.config.shift)
         scheduler = {
             "euler": lambda: FlowMatchEulerDiscreteScheduler(shift=1.0),
@@ -105,16 +114,17 @@ class Setup:
         set_timesteps = scheduler.set_timesteps  # WanPipeline calls set_timesteps(steps): give it our schedule
         scheduler.set_timesteps = lambda steps, device=None: set_timesteps(sigmas=sigmas[:-1].numpy(), device=device)
         pipeline = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler,
-                               transformer=self.transformer)
+                               transformer=transformer)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
     @torch.no_grad()
     def video(self, variant: str) -> tuple[torch.Tensor, int]:
         """The final latents (1, 16, T', h, w) of `variant` and its DiT passes (a pair counting one)."""
-        if variant == "diffusers":
+        if variant.startswith("diffusers"):
+            transformer = self.compiled_transformer if variant.endswith("compiled") else self.transformer
             _, _, frames, height, width = self.noise.shape
-            latents = self.pipeline()(
+            latents = self.pipeline(transformer)(
                 prompt_embeds=self.condition, negative_prompt_embeds=self.uncondition, height=height * 8,
                 width=width * 8, num_frames=4 * (frames - 1) + 1, num_inference_steps=self.config.steps,
                 guidance_scale=self.config.guidance_scale, latents=self.noise.clone(), output_type="latent",
@@ -122,6 +132,7 @@ class Setup:
             )[0]
             return latents, self.config.steps
         self.base.config = self.config if variant == "ours + TeaCache" else self.uncached
+        self.base.dit = self.compiled_dit if variant.endswith("compiled") else self.eager_dit
         notes = {}
         latents = self.base.denoise(self.noise.clone(), self.condition, self.uncondition, notes)
         return latents, notes["model_calls"]
@@ -188,16 +199,20 @@ def main() -> None:
     def median(clock: str, variant: str) -> float:
         return statistics.median(seconds[clock][variant])
 
-    def ratio(clock: str, variant: str) -> float:  # within each round, then the median over rounds
-        return statistics.median(ours / theirs for ours, theirs in zip(seconds[clock][variant], seconds[clock]["diffusers"]))
+    def ratio(clock: str, variant: str, peer: str) -> float:  # within each round, then the median over rounds
+        return statistics.median(ours / theirs for ours, theirs in zip(seconds[clock][variant], seconds[clock][peer]))
 
-    print(f"| variant | DiT passes | wall s per video (median of {arguments.rounds}) | / diffusers | CPU s per video "
-          "| / diffusers | peak memory (MiB) | / diffusers | PSNR to our uncached video (dB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    def ratios(clock: str, variant: str) -> str:
+        return " | ".join(f"{ratio(clock, variant, peer):.3f}" for peer in ("diffusers", "diffusers, compiled"))
+
+    print(f"| variant | DiT passes | wall s per video (median of {arguments.rounds}) | / diffusers | / diffusers, "
+          "compiled | CPU s per video | / diffusers | / diffusers, compiled | peak memory (MiB) | / diffusers "
+          "| PSNR to our uncached video (dB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for variant in VARIANTS:
         score = "—" if variant == "ours" else f"{min(psnr(frames[variant], frames['ours']), 100.0):.1f}"
-        print(f"| {variant} | {calls[variant]} | {median('wall', variant):.2f} | {ratio('wall', variant):.3f} "
-              f"| {median('cpu', variant):.2f} | {ratio('cpu', variant):.3f} | {memory[variant]:.0f} "
+        print(f"| {variant} | {calls[variant]} | {median('wall', variant):.2f} | {ratios('wall', variant)} "
+              f"| {median('cpu', variant):.2f} | {ratios('cpu', variant)} | {memory[variant]:.0f} "
               f"| {memory[variant] / memory['diffusers']:.3f} | {score} |")
 
 

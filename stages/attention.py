@@ -19,6 +19,8 @@ _logged: set[str] = set()
 
 
 def _log_choice(backend: str) -> None:
+    if torch.compiler.is_compiling():  # inside a compiled block (WanDiT.compile_blocks) a log call breaks the graph
+        return
     if backend not in _logged:
         _logged.add(backend)
         log.info("attention backend: %s", backend)

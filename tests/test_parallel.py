@@ -133,14 +133,21 @@ class DiTRank(GroupMember):
     def start(self, address, peers) -> int:
         self.join_group(*address)
         self.model = random_dit()
+        self.compiled_model = None
         return self.rank
 
-    def forward(self, ulysses: int, ring: int, cfg: int, grid: tuple[int, int, int]) -> np.ndarray:
+    def forward(self, ulysses: int, ring: int, cfg: int, grid: tuple[int, int, int], compiled: bool = False) -> np.ndarray:
         from stages.parallel import make_dit_parallel
 
+        model = self.model
+        if compiled:
+            if self.compiled_model is None:
+                self.compiled_model = random_dit()
+                self.compiled_model.compile_blocks()
+            model = self.compiled_model
         parallel = make_dit_parallel(ulysses, ring, cfg)
         with torch.no_grad():
-            return parallel.forward(self.model, *dit_inputs(grid)).numpy()
+            return parallel.forward(model, *dit_inputs(grid)).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +185,15 @@ def test_split_dit_forward_equals_one_process(rank_groups, one_process_outputs, 
         assert np.abs(output - expected).max() / np.abs(expected).max() < EQUIVALENCE_TOLERANCE
     if ulysses * ring > 1 and GRIDS[grid] != GRIDS["divides"]:
         assert np.prod(GRIDS[grid]) % (ulysses * ring)  # the case really pads
+
+
+@pytest.mark.parametrize("ulysses, ring", [(2, 1), (1, 2)], ids=["ulysses2", "ring2"])
+def test_split_dit_forward_with_compiled_blocks_equals_one_process(rank_groups, one_process_outputs, ulysses, ring):
+    """torch.compile'd blocks (stages.base.compile) around the eager collectives of the split."""
+    import ray
+
+    group = rank_groups[ulysses * ring]
+    outputs = ray.get([rank.forward.remote(ulysses, ring, 1, GRIDS["pads"], compiled=True) for rank in group.ranks])
+    expected = one_process_outputs["pads"]
+    for output in outputs:
+        assert np.abs(output - expected).max() / np.abs(expected).max() < EQUIVALENCE_TOLERANCE

@@ -26,26 +26,32 @@ from tests.test_parallel import SMALL_DIT, random_dit
 STEPS = 12
 
 
-def small_stage(sampler: str = "unipc", guidance: float = 5.0, **teacache) -> BaseStage:
+def small_stage(sampler: str = "unipc", guidance: float = 5.0, compile: bool = False, **teacache) -> BaseStage:
     """The base stage with a random SMALL_DIT (every parameter random) and TeaCache set as given."""
     config = load_config(None, [f"stages.base.steps={STEPS}", f"stages.base.sampler={sampler}",
                                 f"stages.base.guidance_scale={guidance}", "stages.base.shift=5"]).stages.base
-    config = dataclasses.replace(config, dit=SMALL_DIT, dit_weights="", teacache=TeaCacheConfig(**teacache))
+    config = dataclasses.replace(config, dit=SMALL_DIT, dit_weights="", teacache=TeaCacheConfig(**teacache),
+                                 compile=compile)
     stage = BaseStage(config)
-    stage.dit = random_dit()
+    stage.dit.load_state_dict(random_dit().state_dict())
     return stage
+
+
+def sampling_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The noise (1, 16, 2, 8, 8) and two random texts (1, text_len, text_dim) standing for the
+    prompt and the negative prompt."""
+    generator = torch.Generator().manual_seed(5)
+    text = torch.randn(2, 1, SMALL_DIT.text_len, SMALL_DIT.text_dim, generator=generator)
+    return torch.randn(1, 16, 2, 8, 8, generator=generator), text[0], text[1]
 
 
 def denoise(stage: BaseStage) -> tuple[torch.Tensor, dict, list[int]]:
     """Final latents, the notes, and the steps whose DiT call ran the blocks."""
-    generator = torch.Generator().manual_seed(5)
-    text = torch.randn(2, 1, SMALL_DIT.text_len, SMALL_DIT.text_dim, generator=generator)
-    noise = torch.randn(1, 16, 2, 8, 8, generator=generator)
     calls, full_steps = [], []
     hooks = [stage.dit.register_forward_pre_hook(lambda module, inputs: calls.append(len(calls))),
              stage.dit.blocks[0].register_forward_pre_hook(lambda module, inputs: full_steps.append(calls[-1]))]
     notes = {}
-    latents = stage.denoise(noise, text[0], text[1], notes)
+    latents = stage.denoise(*sampling_inputs(), notes)
     for hook in hooks:
         hook.remove()
     assert len(calls) == STEPS  # one DiT call per step: the guidance pair is one call
@@ -158,6 +164,16 @@ def test_skipping_stays_close_and_without_guidance():
     plain = denoise(small_stage(guidance=1.0))[0]
     assert notes == guided_notes and notes["model_calls"] < STEPS
     assert ((cached - plain).abs().max() / plain.abs().max()).item() < 0.5
+
+
+def test_compiled_blocks_sample_the_eager_clip():
+    """stages.base.compile: torch.compile'd blocks give the eager stage's clip and skip the same steps."""
+    teacache = dict(threshold=0.6, coefficients=IDENTITY, warmup_steps=2)
+    notes = {}
+    compiled = small_stage(compile=True, **teacache).denoise(*sampling_inputs(), notes)
+    eager, eager_notes, _ = denoise(small_stage(**teacache))
+    assert notes == eager_notes and notes["model_calls"] < STEPS
+    assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-5
 
 
 def test_fit_recovers_a_known_polynomial():

@@ -314,6 +314,14 @@ class WanDiT(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
 
+    def compile_blocks(self) -> None:
+        """Regional compilation: each block is compiled with torch.compile, the rest stays eager. The
+        blocks share one compiled graph (the same code; their weights are its inputs), so the first
+        call compiles one block, once per new token grid. The sequence-parallel attention stays eager
+        (stages/parallel.py), and TeaCache decides outside the blocks."""
+        for block in self.blocks:
+            block.compile()
+
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         """The rotary embedding of a token grid on `device`, computed once per grid."""
         key = (grid, device)

@@ -49,6 +49,9 @@ class BaseStageConfig:
     offload_text_encoder: bool = True  # keep the text encoder on the CPU except while encoding
     teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)  # off unless its threshold is above 0
     window: WindowConfig = field(default_factory=WindowConfig)  # off unless latent_frames is above 0
+    # torch.compile each DiT block (WanDiT.compile_blocks): faster steps once the first call at each
+    # new latent shape has compiled (seconds); on a CPU it needs a C++ compiler
+    compile: bool = False
 
 
 class BaseStage:
@@ -74,6 +77,8 @@ class BaseStage:
             lambda: WanDiT(config.dit).to(self.dtype),
             "the DiT", "stages.base.dit_weights", self.warnings,
         ).eval().to(self.device)
+        if config.compile:
+            self.dit.compile_blocks()
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
