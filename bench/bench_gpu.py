@@ -11,7 +11,9 @@ the peak memory the call allocated over the weights and inputs (torch.cuda.max_m
 after a reset; not measured on a CPU). The DiT row is one forward of batch 1; a sampling step with
 classifier-free guidance is two of them. Model FLOP utilisation = the forward's matmul FLOPs
 (`dit_forward_flops`, the attention and linear layers, multiply-add = 2) / time / `--peak-tflops`
-(default 989: the dense bf16 tensor-core peak of an H100 or H200 SXM).
+(default 989: the dense bf16 tensor-core peak of an H100 or H200 SXM). With `--compile` both DiTs
+have their blocks compiled by torch.compile (ours `WanDiT.compile_blocks`, as `stages.base.compile`
+does; diffusers' `compile_repeated_blocks`); the warm-up call pays the compilation.
 """
 
 from __future__ import annotations
@@ -92,10 +94,13 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def bench_dit(config: WanDiTConfig, latent_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-              runs: int, peak_tflops: float) -> list[str]:
+              runs: int, peak_tflops: float, compile: bool) -> list[str]:
     reference = diffusers_model(config)
     ours = our_model(reference, config).to(device, dtype)
     reference = to_dtype_as_diffusers_loads(reference, dtype).to(device)
+    if compile:
+        ours.compile_blocks()
+        reference.compile_repeated_blocks()
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn(latent_shape, generator=generator).to(device, dtype)
     timestep = torch.tensor([700.0], device=device)
@@ -157,6 +162,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="timed calls of each model after a warm-up")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak for --dtype")
     parser.add_argument("--skip", choices=["dit", "vae"], action="append", default=[], help="leave a model out")
+    parser.add_argument("--compile", action="store_true", help="compile both DiTs' blocks (torch.compile)")
     arguments = parser.parse_args()
     if (arguments.frames - 1) % 4 or arguments.height % 16 or arguments.width % 16:
         parser.error(f"--frames {arguments.frames} must be 1 + 4k and --height {arguments.height}, "
@@ -170,12 +176,13 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     probe = torch.zeros(1, 1, 1, 8, device=device, dtype=dtype)
     print(f"{name}, torch {torch.__version__}, {arguments.dtype}, DiT {arguments.size}, latents {latent_shape}, "
-          f"attention {attention_backend(probe)}, median of {arguments.runs} after a warm-up\n")
+          f"attention {attention_backend(probe)}, DiT blocks {'compiled' if arguments.compile else 'eager'}, "
+          f"median of {arguments.runs} after a warm-up\n")
     print("| what | model | time (s) | CFG step = 2 forwards (s) | throughput | peak memory (GiB) |")
     print("|---|---|---|---|---|---|")
     if "dit" not in arguments.skip:
-        print("\n".join(bench_dit(config, latent_shape, dtype, device, arguments.runs, arguments.peak_tflops)),
-              flush=True)
+        print("\n".join(bench_dit(config, latent_shape, dtype, device, arguments.runs, arguments.peak_tflops,
+                                   arguments.compile)), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "vae" not in arguments.skip:
