@@ -122,7 +122,6 @@ def bench_dit(config: WanDiTConfig, latent_shape: tuple[int, ...], dtype: torch.
                     f"| {flops / seconds / 1e12:.1f} TFLOP/s, MFU {100 * utilisation:.1f}% | {peak:.2f} |")
     rows.append(f"| DiT | ours / diffusers | {results['ours'][0] / results['diffusers'][0]:.3f} | "
                 f"| | {results['ours'][1] / results['diffusers'][1]:.3f} |")
-    del reference, ours
     return rows + [f"<!-- DiT outputs differ by {difference:.1e} (max abs / max abs) -->"]
 
 
