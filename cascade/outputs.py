@@ -225,8 +225,9 @@ def _first_difference(earlier, now, key: str = "") -> tuple[str, object, object]
     return None if earlier == now else (key, earlier, now)
 
 
-# Settings that say where and how fast the stages run, not what they make: --resume may change them.
-PLACEMENT_KEYS = ("resources", "parallel", "replicas")
+# Settings that say where and how fast the stages run, not what they make (beyond float rounding):
+# --resume may change them.
+PLACEMENT_KEYS = ("resources", "parallel", "replicas", "compile")
 RUN_KEYS = ("retries", "patience_s", "transport")
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from cascade.errors import UserError
 from cascade.video import read_video
 from tests.conftest import FAST, ROOT
 
@@ -226,6 +227,20 @@ def test_resume_with_other_prompts_is_refused(tmp_path, capsys):
     assert run_cascade.main(["--prompt", "a blue ball", "--out", str(out), "--resume"]) == 2
     [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "prompt 0 was 'a red ball', now 'a blue ball'" in line, line
+
+
+def test_resume_takes_other_speed_settings_but_not_other_videos(tmp_path):
+    """Where and how fast a stage runs (its resources, split, replicas, compiled blocks) may change on
+    --resume; what it makes (here the base stage's steps) may not."""
+    from cascade.config import load_config, to_plain_dict
+    from cascade.outputs import read_run_record, write_run_record
+
+    prompts = ["a red ball"]
+    write_run_record(tmp_path, prompts, 1, to_plain_dict(load_config(None, [])), {})
+    faster = ["stages.base.compile=true", "stages.base.replicas=2", "stages.ssr.resources.num_cpus=2"]
+    assert read_run_record(tmp_path, prompts, to_plain_dict(load_config(None, faster)), None)["seed"] == 1
+    with pytest.raises(UserError, match="stages.base.steps was 20, now 7"):
+        read_run_record(tmp_path, prompts, to_plain_dict(load_config(None, [*faster, "stages.base.steps=7"])), None)
 
 
 FULL_DISK = """
