@@ -213,7 +213,6 @@ class SequenceParallel:
         whole = gather_tokens(gather_tokens(x, self.ulysses, dim), self.ring, dim)
         return whole.narrow(dim, 0, length)
 
-    @torch.compiler.disable  # the collectives run eager inside a compiled block (WanDiT.compile_blocks)
     def attention(self, q: Tensor, k: Tensor, v: Tensor, length: int) -> Tensor:
         """Self-attention of the whole sequence of `length` real tokens, from and to the shards.
 

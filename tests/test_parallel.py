@@ -149,6 +149,10 @@ class DiTRank(GroupMember):
         with torch.no_grad():
             return parallel.forward(model, *dit_inputs(grid)).numpy()
 
+    def compiled_graphs(self) -> int:
+        """How many graphs torch.compile has made in this process."""
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
 
 @pytest.fixture(scope="module")
 def rank_groups(ray_cluster):
@@ -197,3 +201,4 @@ def test_split_dit_forward_with_compiled_blocks_equals_one_process(rank_groups, 
     expected = one_process_outputs["pads"]
     for output in outputs:
         assert np.abs(output - expected).max() / np.abs(expected).max() < EQUIVALENCE_TOLERANCE
+    assert all(count > 0 for count in ray.get([rank.compiled_graphs.remote() for rank in group.ranks]))

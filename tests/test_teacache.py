@@ -169,8 +169,10 @@ def test_skipping_stays_close_and_without_guidance():
 def test_compiled_blocks_sample_the_eager_clip():
     """stages.base.compile: torch.compile'd blocks give the eager stage's clip and skip the same steps."""
     teacache = dict(threshold=0.6, coefficients=IDENTITY, warmup_steps=2)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     notes = {}
     compiled = small_stage(compile=True, **teacache).denoise(*sampling_inputs(), notes)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # the blocks were compiled
     eager, eager_notes, _ = denoise(small_stage(**teacache))
     assert notes == eager_notes and notes["model_calls"] < STEPS
     assert ((compiled - eager).abs().max() / eager.abs().max()).item() < 1e-5

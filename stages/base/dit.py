@@ -317,8 +317,9 @@ class WanDiT(nn.Module):
     def compile_blocks(self) -> None:
         """Regional compilation: each block is compiled with torch.compile, the rest stays eager. The
         blocks share one compiled graph (the same code; their weights are its inputs), so the first
-        call compiles one block, once per new token grid. The sequence-parallel attention stays eager
-        (stages/parallel.py), and TeaCache decides outside the blocks."""
+        call compiles one block, once per new token grid. TeaCache decides outside the blocks; a
+        sequence-parallel attention runs inside them, collectives included (torch.compile traces them
+        or breaks the graph around them; tests/test_parallel.py checks the result on gloo ranks)."""
         for block in self.blocks:
             block.compile()
 
