@@ -350,11 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[status])
     args = parse_args(argv)
     from cascade.errors import UserError
+    from stages.compiling import CompilerMissing
     from stages.weights import WeightsError
 
     try:
         return run(args, status)
-    except (UserError, WeightsError) as error:
+    except (UserError, WeightsError, CompilerMissing) as error:
         cause = getattr(error, "cause", None) or error  # errors raised inside a Ray actor carry their cause
         print(f"error: {str(cause).strip().splitlines()[0]}", file=sys.stderr)
         return 2

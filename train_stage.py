@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: train_stage.py {{{','.join(TRAINABLE)}}} [options]  (got {argv[:1] or 'nothing'})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return importlib.import_module(TRAINABLE[argv[0]]).main(argv[1:])
+    from stages.compiling import CompilerMissing
+
+    try:
+        return importlib.import_module(TRAINABLE[argv[0]]).main(argv[1:])
+    except CompilerMissing as error:  # training.compile=true on a machine torch cannot compile on
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+from stages.compiling import require_compiler
 from stages.weights import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class TrainingConfig:
     # step, w ← decay·w + (1 − decay)·weights (about the last 1/(1 − decay) steps)
     average_decay: float = 0.0
     # torch.compile the model for the loss (forward and backward); on a CPU it needs a C++ compiler
+    # (train() refuses at once without one: stages/compiling.py)
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ def train(
     """Trains `model` for `config.steps` steps (continuing a checkpoint in `out_dir` if there is
     one) and returns the path of the final safetensors weights (the average with
     `config.average_decay`; `model` itself holds the last weights)."""
+    if config.compile:
+        require_compiler(next(model.parameters()).device, "training.compile")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)

@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 import run_cascade
+from cascade.config import load_config
 from cascade.video import read_video
+from stages.ssr.stage import SsrStage
+from stages.weights import WeightsError
 from tests.conftest import FAST, run_cli
 
 PROMPT = "一个红色的球向右滚动"
@@ -72,16 +75,21 @@ def test_default_tiny_cascade_end_to_end(tmp_path):
 
 
 def test_prompts_file_writes_every_prompt(ray_cluster, tmp_path):
+    """Every line a video, seeds counting up; a prompt longer than the text encoder takes is truncated
+    and its manifest says so."""
+    long_prompt = ("a green triangle moving left " * 20).strip()
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving right\n\n一个蓝色的方块向上移动\na green triangle moving left\n")
+    prompts.write_text(f"a red circle moving right\n\n一个蓝色的方块向上移动\n{long_prompt}\n")
     out = tmp_path / "out"
     result = run_cli("--prompts-file", str(prompts), "--out", str(out), "--seed", "7",
                      "--address", ray_cluster.address, *FAST)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = run_folders(out)
     manifests = [check_run_folder(folder) for folder in folders]
-    assert sorted(m["prompt"] for m in manifests) == sorted(["a red circle moving right", "一个蓝色的方块向上移动", "a green triangle moving left"])
+    assert sorted(m["prompt"] for m in manifests) == sorted(["a red circle moving right", "一个蓝色的方块向上移动", long_prompt])
     assert sorted(m["seed"] for m in manifests) == [7, 8, 9]
+    truncated = {m["prompt"]: m["stages"]["base"]["notes"].get("prompt_truncated", "") for m in manifests}
+    assert "truncated" in truncated.pop(long_prompt) and not any(truncated.values())
 
 
 def test_same_seed_same_video(ray_cluster, tmp_path):
@@ -93,15 +101,6 @@ def test_same_seed_same_video(ray_cluster, tmp_path):
         [folder] = run_folders(tmp_path / attempt)
         videos.append(read_video(str(folder / "video.mp4"))[0])
     np.testing.assert_array_equal(videos[0], videos[1])
-
-
-def test_long_prompt_is_truncated_with_a_warning(ray_cluster, tmp_path):
-    long_prompt = "a red circle moving to the right " * 20
-    result = run_cli("--prompt", long_prompt, "--out", str(tmp_path), "--seed", "1", "--address", ray_cluster.address, *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
-    [folder] = run_folders(tmp_path)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert "truncated" in manifest["stages"]["base"]["notes"]["prompt_truncated"]
 
 
 def bad_weights(tmp_path: Path) -> dict[str, Path]:
@@ -149,14 +148,25 @@ def test_unwritable_out(tmp_path, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing", "not found"), ("corrupt", "cannot read weights"), ("mismatched", "missing keys"), ("unreadable", "is a folder"),
 ])
-def test_bad_weights_fail_before_any_output(ray_cluster, tmp_path, case, message):
+def test_bad_weights_are_named_by_the_stage(tmp_path, case, message):
+    """The stage, set up as its actor sets it up, names the file and what is wrong with it."""
     weights = bad_weights(tmp_path)[case]
+    with pytest.raises(WeightsError) as error:
+        SsrStage(load_config(None, [f"stages.ssr.weights={weights}"]).stages.ssr)
+    first_line = str(error.value).strip().splitlines()[0]
+    assert message in first_line and weights.name in first_line
+    if case == "mismatched":
+        assert "levels.0" in first_line and "something.else" in first_line
+
+
+def test_bad_weights_fail_before_any_output(ray_cluster, tmp_path):
+    """Raised in the stage's actor, the error above ends the run with exit 2, its first line, and no
+    run folder (one case: the others travel the same way)."""
+    weights = bad_weights(tmp_path)["mismatched"]
     out = tmp_path / "out"
     result = run_cli("--out", str(out), "--address", ray_cluster.address, f"stages.ssr.weights={weights}", *FAST)
     assert result.returncode == 2, result.stderr[-3000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0], result.stderr[-3000:]
-    assert str(weights.name) in error_lines[0]
-    if case == "mismatched":
-        assert "levels.0" in error_lines[0] and "something.else" in error_lines[0]
+    assert len(error_lines) == 1 and "missing keys" in error_lines[0], result.stderr[-3000:]
+    assert str(weights.name) in error_lines[0] and "levels.0" in error_lines[0] and "something.else" in error_lines[0]
     assert run_folders(out) == []

@@ -28,6 +28,7 @@ from flows.windows import WindowConfig, window_spans, windowed_velocity
 from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.teacache import TeaCache, TeaCacheConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
+from stages.compiling import require_compiler
 from stages.parallel import DiTParallel
 from stages.weights import dtype_from_name, load_or_init
 
@@ -78,6 +79,7 @@ class BaseStage:
             "the DiT", "stages.base.dit_weights", self.warnings,
         ).eval().to(self.device)
         if config.compile:
+            require_compiler(self.device, "stages.base.compile")
             self.dit.compile_blocks()
 
     @torch.no_grad()
