@@ -19,10 +19,13 @@ def require_compiler(device: torch.device | str, setting: str) -> None:
     clang++ on macOS). GPUs need none: their kernels are Triton."""
     if torch.device(device).type != "cpu":
         return
-    from torch._inductor import config, cpp_builder, exc  # the search torch itself runs, and its error
-
+    try:  # the search torch itself runs, and its error (private modules, so guarded)
+        from torch._inductor import config, exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch laid out otherwise names a missing compiler at the first call
+        return
     try:
-        cpp_builder.get_cpp_compiler()
+        get_cpp_compiler()
     except exc.InvalidCxxCompiler:
         search = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
         tried = [name for name in search if name is not None]
