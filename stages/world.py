@@ -25,7 +25,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterable, NamedTuple
 
 import numpy as np
 
@@ -104,6 +104,7 @@ LANGUAGES = ("en", "zh")
 # Clip descriptions
 
 SIZE_RANGE = (0.08, 0.13)  # radius of a shape, as a share of the frame side
+EDGE_GAP = 0.02  # least room between a shape and the frame's edge, as a share of the frame side
 BACKGROUND_SATURATION_MAX = 0.12  # backgrounds stay grey-ish, so the object is the saturated part
 OBJECT_SATURATION = (0.8, 1.0)
 OBJECT_VALUE = (0.75, 1.0)
@@ -149,6 +150,26 @@ def object_centre(obj: WorldObject, frame: float) -> tuple[float, float]:
     return obj.start[0] + vx * frame, obj.start[1] + vy * frame
 
 
+def frames_in_view(speed: str, direction: str) -> int:
+    """The most frames a clip can have whose object of `speed` moving `direction` stays wholly
+    inside the frame, at any size: beyond them its path is longer than the frame has room for."""
+    (dx, dy), step = DIRECTIONS[direction][0], SPEEDS[speed][0]
+    room = 1.0 - 2 * (SIZE_RANGE[1] + EDGE_GAP)  # for the centre of the largest shape
+    return 1 + int(room / (step * max(abs(dx), abs(dy))) + 1e-9)
+
+
+def _check_in_view(num_frames: int, speeds: Iterable[str], directions: Iterable[str]) -> None:
+    """Raises ValueError when an object of one of `speeds` and `directions` cannot stay in view for
+    `num_frames` frames (every clip of the world keeps its objects wholly inside the frame)."""
+    limit, speed, direction = min((frames_in_view(speed, direction), speed, direction)
+                                  for speed in speeds for direction in directions)
+    if num_frames > limit:
+        raise ValueError(
+            f"num_frames={num_frames} is too long for the world: a {speed} object moving {direction} "
+            f"({SPEEDS[speed][0]} of the frame side per frame) stays inside the frame for at most {limit} frames"
+        )
+
+
 def _random_object(rng: np.random.Generator, num_frames: int, colour: str | None = None, shape: str | None = None,
                    direction: str | None = None, speed: str | None = None) -> WorldObject:
     """An object with the given attributes, the others (and its path, size and exact hue) random."""
@@ -159,7 +180,7 @@ def _random_object(rng: np.random.Generator, num_frames: int, colour: str | None
     radius = float(rng.uniform(*SIZE_RANGE))
     (dx, dy), step = DIRECTIONS[direction][0], SPEEDS[speed][0]
     travel_x, travel_y = dx * step * (num_frames - 1), dy * step * (num_frames - 1)
-    margin = radius + 0.02
+    margin = radius + EDGE_GAP
 
     def start_along(travel: float) -> float:  # where to start so that the whole path stays inside
         low, high = margin - min(0.0, travel), 1.0 - margin - max(0.0, travel)
@@ -173,6 +194,7 @@ def _random_object(rng: np.random.Generator, num_frames: int, colour: str | None
 
 def random_clip(rng: np.random.Generator, num_frames: int, two_object_share: float = 0.2) -> WorldClip:
     """A random clip description: one object, or two of different colours with `two_object_share`."""
+    _check_in_view(num_frames, SPEEDS, DIRECTIONS)
     first = _random_object(rng, num_frames)
     objects = [first]
     if rng.random() < two_object_share:
@@ -198,6 +220,7 @@ def clip_for(colour: str, shape: str, direction: str, speed: str, rng: np.random
                                ("direction", direction, DIRECTIONS), ("speed", speed, SPEEDS)):
         if value not in valid:
             raise ValueError(f"unknown {name} {value!r}: expected one of {list(valid)}")
+    _check_in_view(num_frames, [speed], [direction])
     return WorldClip((_random_object(rng, num_frames, colour, shape, direction, speed),), _random_background(rng))
 
 

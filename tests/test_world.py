@@ -45,6 +45,28 @@ def test_objects_stay_inside_the_frame():
                 assert obj.radius < x < 1 - obj.radius and obj.radius < y < 1 - obj.radius
 
 
+def test_the_longest_clips_keep_their_object_inside_and_one_frame_more_is_named():
+    """`frames_in_view` is the world's limit: at that many frames every size of object still stays
+    wholly inside from the first frame to the last; one frame more is refused, naming the value
+    (a fast object's 49-frame path is longer than the frame)."""
+    rng = np.random.default_rng(4)
+    for speed in world.SPEEDS:
+        for direction in world.DIRECTIONS:
+            frames = world.frames_in_view(speed, direction)
+            for _ in range(50):
+                [obj] = world.clip_for("red", "circle", direction, speed, rng, frames).objects
+                for frame in (0, frames - 1):
+                    x, y = world.object_centre(obj, frame)
+                    assert obj.radius < x < 1 - obj.radius and obj.radius < y < 1 - obj.radius
+            with pytest.raises(ValueError, match=f"num_frames={frames + 1} .* at most {frames} frames"):
+                world.clip_for("red", "circle", direction, speed, rng, frames + 1)
+    shortest = min(world.frames_in_view(speed, direction) for speed in world.SPEEDS for direction in world.DIRECTIONS)
+    assert world.frames_in_view("fast", "right") == shortest < 49
+    world.random_clip(rng, shortest)
+    with pytest.raises(ValueError, match=f"num_frames={shortest + 1} is too long"):
+        world.random_clip(rng, shortest + 1)
+
+
 def test_hue_and_saturation_match_colorsys():
     pixels = np.random.default_rng(3).integers(0, 256, (500, 3), dtype=np.uint8)
     hue, saturation = world._hue_saturation(pixels)
