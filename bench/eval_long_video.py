@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from cascade.config import load_config  # noqa: E402
 from cascade.outputs import write_atomic  # noqa: E402
 from flows.windows import window_spans  # noqa: E402
-from stages.base.stage import BaseStage  # noqa: E402
+from stages.base.stage import TIME_COMPRESSION, BaseStage  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
 from stages.world import clip_for, held_out_prompts, render_clip  # noqa: E402
 from stages.world_checks import base_frames, check_base_clip, check_long_clip, request_in_config  # noqa: E402
@@ -79,7 +79,7 @@ def evaluate_world(num_frames: int, prompts: int) -> dict[str, float]:
     that long (its object would leave the frame) counts as failing every check."""
     counts = dict.fromkeys(RATES, 0)
     cases = held_out_prompts(prompts)
-    windows = [list(span) for span in window_spans(1 + (num_frames - 1) // 4, *COMPARISON_WINDOW)]
+    windows = [list(span) for span in window_spans(1 + (num_frames - 1) // TIME_COMPRESSION, *COMPARISON_WINDOW)]
     for index, case in enumerate(cases):
         try:
             clip = clip_for(case.colour, case.shape, case.direction, case.speed, np.random.default_rng(SEED + index), num_frames)
@@ -87,7 +87,6 @@ def evaluate_world(num_frames: int, prompts: int) -> dict[str, float]:
             continue
         add_checks(counts, render_clip(clip, num_frames, 128), case, windows)
     return {**rates(counts, cases), "DiT passes": float("nan"), "s per clip": float("nan")}
-
 
 
 def add_checks(counts: dict[str, int], frames, case, windows: list[list[int]]) -> None:
@@ -100,8 +99,10 @@ def add_checks(counts: dict[str, int], frames, case, windows: list[list[int]]) -
 
 
 def rates(counts: dict[str, int], cases) -> dict[str, float]:
+    """Each count over the prompts it is of (NaN where there are none: no slow prompts)."""
     slow = sum(case.speed == "slow" for case in cases)
-    return {name: count / (slow if name.endswith("slow prompts") else len(cases)) for name, count in counts.items()}
+    totals = {name: slow if name.endswith("slow prompts") else len(cases) for name in counts}
+    return {name: count / totals[name] if totals[name] else float("nan") for name, count in counts.items()}
 
 
 def main() -> int:
@@ -121,13 +122,12 @@ def main() -> int:
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    rows = [(WORLD_ROW, lambda: evaluate_world(args.frames, args.prompts))] + [
-        (name, functools.partial(evaluate, [f"video.num_frames={args.frames}", *args.overrides, *overrides], args.prompts))
-        for name, overrides in VARIANTS.items()
-    ]
-    for name, run in rows:
+    rows = {WORLD_ROW: functools.partial(evaluate_world, args.frames, args.prompts)}
+    for name, overrides in VARIANTS.items():
+        rows[name] = functools.partial(evaluate, [f"video.num_frames={args.frames}", *args.overrides, *overrides], args.prompts)
+    for name, run in rows.items():
         result = run()
-        cells = [f"{result[column]:.0%}" if column in RATES else "—" if math.isnan(result[column]) else f"{result[column]:.1f}"
+        cells = ["—" if math.isnan(result[column]) else f"{result[column]:.0%}" if column in RATES else f"{result[column]:.1f}"
                  for column in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
