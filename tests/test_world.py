@@ -60,6 +60,15 @@ def test_the_longest_clips_keep_their_object_inside_and_one_frame_more_is_named(
                     assert obj.radius < x < 1 - obj.radius and obj.radius < y < 1 - obj.radius
             with pytest.raises(ValueError, match=f"num_frames={frames + 1} .* at most {frames} frames"):
                 world.clip_for("red", "circle", direction, speed, rng, frames + 1)
+            # and the limit is tight: the largest shape, started as far back as the edge allows, is
+            # past the far edge at the frame one more would add (the world's own motion)
+            radius = world.SIZE_RANGE[1]
+            back = radius + world.EDGE_GAP
+            (dx, dy) = world.DIRECTIONS[direction][0]
+            start = tuple(back if d > 0 else 1 - back if d < 0 else 0.5 for d in (dx, dy))
+            largest = world.WorldObject("red", "circle", direction, speed, start, radius, (1.0, 0.0, 0.0))
+            x, y = world.object_centre(largest, frames)
+            assert not (back <= x <= 1 - back and back <= y <= 1 - back)
     shortest = min(world.frames_in_view(speed, direction) for speed in world.SPEEDS for direction in world.DIRECTIONS)
     assert world.frames_in_view("fast", "right") == shortest < 49
     world.random_clip(rng, shortest)
