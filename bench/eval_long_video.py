@@ -11,8 +11,11 @@ frames (17, one every 16), and the rates are of clips whose every segment has th
 ("colour holds"), every segment the prompt's direction ("direction holds"), the whole clip the
 prompt's direction from the first to the last sighting of its object, and no frame-to-frame change
 at a window joint above the largest change elsewhere ("joints smooth"; without windows, the joints
-of the 5/2 windows are read, for comparison). "Direction holds, slow prompts" is the rate among the
-slow prompts alone: a fast object cannot keep its direction for 49 frames and stay in the frame.
+of the 5/2 windows are read, for comparison). The columns that end in "slow prompts" are rates
+among the slow prompts alone (a fast object cannot keep its direction for 49 frames and stay in
+the frame): "direction holds", the same rate segment by segment ("by segment"), and "keeps going",
+the clips whose object never falls back along the prompt's direction by more than
+`FALL_BACK_LIMIT` of the frame side (a window that starts its path again makes it fall back).
 The first row reads the world's own clips of the prompts the same way (`evaluate_world`).
 """
 
@@ -50,10 +53,15 @@ VARIANTS = {  # name -> overrides
     "windows of 5, overlap 2, no TeaCache": [
         "stages.base.window.latent_frames=5", "stages.base.window.overlap=2", "stages.base.teacache.threshold=0",
     ],
+    "windows of 5, overlap 4 (a window every latent frame), no TeaCache": [
+        "stages.base.window.latent_frames=5", "stages.base.window.overlap=4", "stages.base.teacache.threshold=0",
+    ],
 }
 COMPARISON_WINDOW = (5, 2)  # whose joints a clip without windows is read at
 WORLD_ROW = "the world's own clips (reference)"
-RATES = ("colour holds", "direction holds", "direction holds, slow prompts", "whole-clip direction", "joints smooth")
+RATES = ("colour holds", "direction holds", "direction holds, slow prompts", "whole-clip direction", "joints smooth",
+         "keeps going, slow prompts")
+BY_SEGMENT = "direction by segment, slow prompts"  # the column of the rates "segment 1, slow prompts", ...
 
 
 def evaluate(overrides: list[str], prompts: int) -> dict[str, float]:
@@ -91,11 +99,16 @@ def evaluate_world(num_frames: int, prompts: int) -> dict[str, float]:
 
 def add_checks(counts: dict[str, int], frames, case, windows: list[list[int]]) -> None:
     check = check_long_clip(frames, case, windows)
+    slow = case.speed == "slow"
     counts["colour holds"] += check.colour_holds
     counts["direction holds"] += check.direction_holds
-    counts["direction holds, slow prompts"] += check.direction_holds and case.speed == "slow"
+    counts["direction holds, slow prompts"] += check.direction_holds and slow
     counts["whole-clip direction"] += check_base_clip(frames, case).direction_matches
     counts["joints smooth"] += check.joints_smooth
+    counts["keeps going, slow prompts"] += check.keeps_going and slow
+    for number, segment in enumerate(check.segments, 1):
+        name = f"segment {number}, slow prompts"
+        counts[name] = counts.get(name, 0) + (segment.direction_matches and slow)
 
 
 def rates(counts: dict[str, int], cases) -> dict[str, float]:
@@ -103,6 +116,15 @@ def rates(counts: dict[str, int], cases) -> dict[str, float]:
     slow = sum(case.speed == "slow" for case in cases)
     totals = {name: slow if name.endswith("slow prompts") else len(cases) for name in counts}
     return {name: count / totals[name] if totals[name] else float("nan") for name, count in counts.items()}
+
+
+def cell(result: dict[str, float], column: str) -> str:
+    if column == BY_SEGMENT:
+        segments = [result[name] for name in result if name.startswith("segment ")]
+        return "—" if not segments or math.isnan(segments[0]) else " / ".join(f"{rate:.0%}" for rate in segments)
+    if math.isnan(result[column]):
+        return "—"
+    return f"{result[column]:.0%}" if column in RATES else f"{result[column]:.1f}"
 
 
 def main() -> int:
@@ -114,7 +136,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    columns = [*RATES, "DiT passes", "s per clip"]
+    columns = [*RATES[:3], BY_SEGMENT, *RATES[3:], "DiT passes", "s per clip"]
     lines = [
         f"{args.prompts} held-out prompts, {args.frames} frames at 128×128, tiny config"
         + (f" with {' '.join(args.overrides)}" if args.overrides else "") + f", {args.threads} threads:",
@@ -127,8 +149,7 @@ def main() -> int:
         rows[name] = functools.partial(evaluate, [f"video.num_frames={args.frames}", *args.overrides, *overrides], args.prompts)
     for name, run in rows.items():
         result = run()
-        cells = ["—" if math.isnan(result[column]) else f"{result[column]:.0%}" if column in RATES else f"{result[column]:.1f}"
-                 for column in columns]
+        cells = [cell(result, column) for column in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     table = "\n".join(lines)

@@ -8,8 +8,9 @@ Used by the tests (tests/test_world_cascade.py) and the evaluation (bench/eval_w
 - `is_monotonic`: after frame interpolation the centroid still advances along the direction at
   every frame, up to `MONOTONIC_TOLERANCE` pixels of jitter;
 - `check_long_clip`: a clip longer than the base stage's window, read as segments of one window's
-  frames: the colour and the direction of every segment, and the frame-to-frame change at the
-  windows' joints against the largest change elsewhere;
+  frames: the colour and the direction of every segment, the frame-to-frame change at the windows'
+  joints against the largest change elsewhere, and how far the object ever falls back along the
+  prompt's direction (a window that starts the object's path again);
 - `detail_over_bicubic`: the high-frequency energy (mean squared Laplacian of the luma) of the
   spatial super-resolution over that of bicubic upsampling of the same frames.
 
@@ -32,6 +33,7 @@ from stages.world import DIRECTIONS, PromptCase, measure_clip, motion_direction
 
 MIN_MOTION = 0.06  # share of the frame side the object must move over the clip (the slow speed moves 0.19)
 MONOTONIC_TOLERANCE = 1.0  # pixels a centroid may step back along the direction between two frames
+FALL_BACK_LIMIT = 0.1  # share of the frame side a long clip's object may fall back along its direction
 
 
 class PromptCheck(NamedTuple):
@@ -67,6 +69,7 @@ class LongClipCheck(NamedTuple):
     segments: list[PromptCheck]  # one per segment of one window's frames
     joint_change: float  # largest mean |frame − previous| across a window's first or last latent frame
     inside_change: float  # largest one elsewhere
+    fall_back: float  # farthest the object falls back along the prompt's direction, share of the frame's longer side
 
     @property
     def colour_holds(self) -> bool:
@@ -80,13 +83,20 @@ class LongClipCheck(NamedTuple):
     def joints_smooth(self) -> bool:
         return self.joint_change <= self.inside_change
 
+    @property
+    def keeps_going(self) -> bool:
+        """The object never falls back along the prompt's direction by more than `FALL_BACK_LIMIT`."""
+        return self.fall_back <= FALL_BACK_LIMIT
+
 
 def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int]]) -> LongClipCheck:
     """frames (T, H, W, 3) uint8 decoded from latents denoised as `windows` ([start, stop) latent
     frames, as the base stage notes them). Segments are the frames of one window's length (1 +
     4·(W − 1)), one every 4·(W − 1) frames, each checked as `check_base_clip` does. A joint is
     the boundary between two latent frames where a window starts or stops: latent frame b decodes to
-    frames 4b − 3 … 4b (b ≥ 1), so the change across it is from frame 4b − 4 to frame 4b − 3."""
+    frames 4b − 3 … 4b (b ≥ 1), so the change across it is from frame 4b − 4 to frame 4b − 3. The
+    fall back is the largest drop of the object's progress along the prompt's direction from any
+    sighting to a later one (`fall_back`), over the frame's longer side."""
     window = windows[0][1] - windows[0][0]
     segment, stride = 1 + TIME_COMPRESSION * (window - 1), TIME_COMPRESSION * (window - 1)
     starts = range(0, frames.shape[0] - segment + 1, stride)
@@ -97,13 +107,23 @@ def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int
     changes = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # (T − 1,)
     inside = [change for index, change in enumerate(changes) if index not in joints]
     joint = max((changes[index] for index in joints), default=0.0)
-    return LongClipCheck(segments, float(joint), float(max(inside)))
+    return LongClipCheck(segments, float(joint), float(max(inside)), fall_back(frames, case.direction) / max(frames.shape[1:3]))
 
 
 def progress_along(frames: np.ndarray, direction: str) -> np.ndarray:
     """(T,) the dominant object's centroid projected on `direction`, in pixels (NaN where unseen)."""
     centroids = measure_clip(frames).centroids
     return centroids @ np.asarray(DIRECTIONS[direction][0])
+
+
+def fall_back(frames: np.ndarray, direction: str) -> float:
+    """The farthest, in pixels, the object's centroid falls back along `direction` from any frame it
+    is seen in to a later one: 0 for an object that never steps back (nor one seen in < 2 frames)."""
+    progress = progress_along(frames, direction)
+    seen = progress[~np.isnan(progress)]
+    if len(seen) < 2:
+        return 0.0
+    return float((np.maximum.accumulate(seen) - seen).max())
 
 
 def is_monotonic(frames: np.ndarray, direction: str, tolerance: float = MONOTONIC_TOLERANCE) -> bool:

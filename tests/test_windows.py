@@ -3,7 +3,7 @@ fewest windows that keep the overlap, the blend weights are a partition of unity
 each overlap, a model that does not look past a frame samples the same clip with or without
 windows, the base stage's windowed denoising equals a reference loop written out here (each window
 a DiT call of W latent frames, velocities averaged on shared frames), the long-clip check reads
-the changes at the joints, and bad settings are named. The tiny world's 49-frame check is in
+the changes at the joints and how far the object falls back, and bad settings are named. The tiny world's 49-frame check is in
 tests/test_world_cascade.py."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flows import flow_sigmas, sample_euler
 from flows.windows import WindowConfig, blend_weights, window_spans, windowed_velocity
 from stages.base.stage import BaseStage
 from stages.base.teacache import TeaCacheConfig
-from stages.world import held_out_prompts
+from stages.world import DIRECTIONS, PromptCase, clip_for, held_out_prompts, object_centre, render_clip
 from stages.world_checks import check_long_clip
 from tests.test_parallel import SMALL_DIT, random_dit
 
@@ -174,6 +174,24 @@ def test_the_long_clip_check_reads_the_changes_at_the_joints():
     assert len(check.segments) == 3  # frames 0–16, 16–32, 32–48
     check = check_long_clip(inside, case, windows)
     assert (check.joint_change, check.inside_change, check.joints_smooth) == (1.0, 11.0, True)
+
+
+def test_the_long_clip_check_measures_how_far_the_object_falls_back():
+    """The world's own 49-frame clip of a slow object moving up and to the left never falls back.
+    Spliced so that frames 25-48 replay frames 9-32 (its path started again 16 frames back), it
+    falls back by what the world's geometry says the object moves from frame 9 to frame 24."""
+    case = PromptCase("a red circle drifting up and to the left", "red", "circle", "up-left", "slow")
+    clip = clip_for(case.colour, case.shape, case.direction, case.speed, np.random.default_rng(3), 49)
+    frames = render_clip(clip, 49, 128)
+    windows = [[0, 5], [3, 8], [5, 10], [8, 13]]
+    check = check_long_clip(frames, case, windows)
+    assert check.fall_back < 0.5 / 128 and check.keeps_going  # under half a pixel: rasterisation alone
+    restarted = np.concatenate([frames[:25], frames[9:33]])
+    obj = clip.objects[0]
+    moved = np.subtract(object_centre(obj, 24), object_centre(obj, 9)) @ np.asarray(DIRECTIONS[case.direction][0])
+    check = check_long_clip(restarted, case, windows)
+    assert check.fall_back == pytest.approx(moved, abs=0.5 / 128) and moved > 0.1
+    assert not check.keeps_going
 
 
 @pytest.mark.parametrize("override, message", [
