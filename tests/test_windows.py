@@ -3,8 +3,8 @@ fewest windows that keep the overlap, the blend weights are a partition of unity
 each overlap, a model that does not look past a frame samples the same clip with or without
 windows, the base stage's windowed denoising equals a reference loop written out here (each window
 a DiT call of W latent frames, velocities averaged on shared frames), the long-clip check reads
-the changes at the joints and how far the object falls back, and bad settings are named. The tiny world's 49-frame check is in
-tests/test_world_cascade.py."""
+the changes at the joints and how far the object falls back, and bad settings are named. The tiny
+world's 49-frame check is in tests/test_world_cascade.py."""
 
 from __future__ import annotations
 
