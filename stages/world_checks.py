@@ -33,7 +33,7 @@ from stages.world import DIRECTIONS, PromptCase, measure_clip, motion_direction
 
 MIN_MOTION = 0.06  # share of the frame side the object must move over the clip (the slow speed moves 0.19)
 MONOTONIC_TOLERANCE = 1.0  # pixels a centroid may step back along the direction between two frames
-FALL_BACK_LIMIT = 0.1  # share of the frame side a long clip's object may fall back along its direction
+FALL_BACK_LIMIT = 0.1  # share of the frame's longer side a long clip's object may fall back along its direction
 
 
 class PromptCheck(NamedTuple):

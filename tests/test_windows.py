@@ -25,6 +25,8 @@ from stages.world import DIRECTIONS, PromptCase, clip_for, held_out_prompts, obj
 from stages.world_checks import check_long_clip
 from tests.test_parallel import SMALL_DIT, random_dit
 
+WINDOWS_49 = [[0, 5], [3, 8], [5, 10], [8, 13]]  # 13 latent frames in windows of 5 overlapping by 2
+
 
 @pytest.mark.parametrize("length, window, overlap", [
     (13, 5, 2), (13, 5, 1), (13, 5, 4), (13, 5, 0), (5, 5, 2), (3, 5, 2), (21, 5, 2), (14, 4, 3), (100, 7, 3),
@@ -163,7 +165,7 @@ def test_the_long_clip_check_reads_the_changes_at_the_joints():
     """49 frames in windows [0, 5), [3, 8), [5, 10), [8, 13): the joints are the latent boundaries 3,
     5, 8 and 10, so the frame changes 8→9, 16→17, 28→29 and 36→37. A grey ramp changes by 1 level
     per frame; a jump of 10 more lands at a joint or inside a window."""
-    windows = [[0, 5], [3, 8], [5, 10], [8, 13]]
+    windows = WINDOWS_49
     case = held_out_prompts(1)[0]
     ramp = np.broadcast_to(np.arange(49, dtype=np.uint8)[:, None, None, None], (49, 8, 8, 3)).copy()
     at_joint, inside = ramp.copy(), ramp.copy()
@@ -183,7 +185,7 @@ def test_the_long_clip_check_measures_how_far_the_object_falls_back():
     case = PromptCase("a red circle drifting up and to the left", "red", "circle", "up-left", "slow")
     clip = clip_for(case.colour, case.shape, case.direction, case.speed, np.random.default_rng(3), 49)
     frames = render_clip(clip, 49, 128)
-    windows = [[0, 5], [3, 8], [5, 10], [8, 13]]
+    windows = WINDOWS_49
     check = check_long_clip(frames, case, windows)
     assert check.fall_back < 0.5 / 128 and check.keeps_going  # under half a pixel: rasterisation alone
     restarted = np.concatenate([frames[:25], frames[9:33]])
