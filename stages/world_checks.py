@@ -107,7 +107,8 @@ def check_long_clip(frames: np.ndarray, case: PromptCase, windows: list[list[int
     changes = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2, 3))  # (T − 1,)
     inside = [change for index, change in enumerate(changes) if index not in joints]
     joint = max((changes[index] for index in joints), default=0.0)
-    return LongClipCheck(segments, float(joint), float(max(inside)), fall_back(frames, case.direction) / max(frames.shape[1:3]))
+    farthest = fall_back(frames, case.direction) / max(frames.shape[1:3])
+    return LongClipCheck(segments, float(joint), float(max(inside)), farthest)
 
 
 def progress_along(frames: np.ndarray, direction: str) -> np.ndarray:
