@@ -196,9 +196,27 @@ def config_from_overrides(schema: type, overrides: list[str], settings: dict[str
 RECORD_NAME = "training_record.json"  # what a run was: command, config, data, time, final losses
 
 
-def write_record(out_dir: Path, record: dict[str, Any]) -> None:
-    """Writes a run's record as `OUT/training_record.json`, atomically."""
+def write_record(
+    out_dir: Path, stage: str, argv: list[str], data: str, config: Any, model: nn.Module, started: float,
+    weights: Path, init: str = "", **extra: Any,
+) -> dict[str, Any]:
+    """Writes what a run was as `OUT/training_record.json`, atomically, and returns it: the command
+    (`train_stage.py` `stage` and its `argv`), its data, its config (a dataclass), the weights it started from (`init`,
+    "" when from scratch), the model's parameter count, the wall time since `started` (time.time()),
+    the final losses of its log, any `extra` entries and the weights it wrote."""
+    record = {
+        "command": " ".join([f"python train_stage.py {stage}", *argv]),
+        "data": data,
+        "config": asdict(config),
+        "init": init,
+        "parameters": sum(parameter.numel() for parameter in model.parameters()),
+        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
+        "final_losses": final_losses(out_dir),
+        **extra,
+        "weights": str(weights),
+    }
     _write_atomic(Path(out_dir) / RECORD_NAME, (json.dumps(record, indent=2) + "\n").encode())
+    return record
 
 
 def final_losses(out_dir: Path, last: int = 5) -> dict[str, float]:

@@ -31,7 +31,7 @@ import argparse
 import io
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +45,7 @@ from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
 from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
+from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.weights import shipped_weights_path
 from stages.world import caption, object_pixels, world_batch, world_clips
 
@@ -193,16 +193,7 @@ def main(argv: list[str]) -> int:
         return 2
     weights = train(dit, flow_matching_loss, training_batches(config, latents, object_masks, text_encoder), config.training,
                     arguments.out, WEIGHTS_NAME)
-    record = {
-        "command": " ".join(["python train_stage.py dit", *argv]),
-        "data": f"{config.clips} procedural world clips (stages/world.py), captions in the train phrasings",
-        "config": asdict(config),
-        "init": arguments.init or "",
-        "parameters": sum(parameter.numel() for parameter in dit.parameters()),
-        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": final_losses(arguments.out),
-        "weights": str(weights),
-    }
-    write_record(arguments.out, record)
+    data = f"{config.clips} procedural world clips (stages/world.py), captions in the train phrasings"
+    write_record(arguments.out, "dit", argv, data, config, dit, started, weights, arguments.init or "")
     print(f"wrote {weights}")
     return 0

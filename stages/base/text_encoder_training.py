@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig, clean_prompt
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
+from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.weights import write_safetensors
 from stages.world import COLOURS, DIRECTIONS, SHAPES, SPEEDS, caption, random_clip
 
@@ -146,18 +146,12 @@ def main(argv: list[str]) -> int:
     weights = arguments.out / WEIGHTS_NAME
     tied_copy = "encoder.embed_tokens.weight"  # the loader ties it to shared.weight again
     write_safetensors(weights, {key: value for key, value in encoder.model.state_dict().items() if key != tied_copy})
-    record = {
-        "command": " ".join(["python train_stage.py text_encoder", *argv]),
-        "data": "captions of procedural world clips in the train phrasings (stages/world.py)",
-        "config": asdict(config),
-        "parameters": sum(parameter.numel() for parameter in encoder.parameters()),
-        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": final_losses(arguments.out),
-        "accuracy_train_phrasings": attribute_accuracy(model, config, "train"),
-        "accuracy_held_out_phrasings": attribute_accuracy(model, config, "held_out"),
-        "weights": str(weights),
-    }
-    write_record(arguments.out, record)
+    record = write_record(
+        arguments.out, "text_encoder", argv, "captions of procedural world clips in the train phrasings (stages/world.py)",
+        config, encoder, started, weights,
+        accuracy_train_phrasings=attribute_accuracy(model, config, "train"),
+        accuracy_held_out_phrasings=attribute_accuracy(model, config, "held_out"),
+    )
     print(json.dumps({key: record[key] for key in ("accuracy_train_phrasings", "accuracy_held_out_phrasings")}))
     print(f"wrote {weights}")
     return 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from torch import nn
 
 from stages.base.vae import WAN_VAE_SIZES, AttentionBlock, ResidualBlock, WanVAE, WanVAEConfig, latent_statistics_metadata
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
+from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.weights import write_safetensors
 from stages.world import object_centre, world_batch
 
@@ -183,18 +183,7 @@ def main(argv: list[str]) -> int:
                      config.training, arguments.out, WEIGHTS_NAME)
     mean, std = measure_latent_statistics(vae, config)
     write_safetensors(weights, vae.state_dict(), latent_statistics_metadata(mean, std))
-    record = {
-        "command": " ".join(["python train_stage.py vae", *argv]),
-        "data": "procedural world clips (stages/world.py)",
-        "config": asdict(config),
-        "init": arguments.init or "",
-        "parameters": sum(parameter.numel() for parameter in vae.parameters()),
-        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": final_losses(arguments.out),
-        "latents_mean": mean,
-        "latents_std": std,
-        "weights": str(weights),
-    }
-    write_record(arguments.out, record)
+    write_record(arguments.out, "vae", argv, "procedural world clips (stages/world.py)", config, vae, started, weights,
+                 arguments.init or "", latents_mean=mean, latents_std=std)
     print(f"wrote {weights}")
     return 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from stages.pixels import to_model_range
 from stages.ssr.upsampler import SUPPORTED_SCALES, WaveletUpsampler, WaveletUpsamplerConfig
 from stages.ssr.wavelet import LOW_BAND_GAIN, dwt2
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
+from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch
 from stages.weights import load_into, read_state_dict
 
@@ -220,15 +220,7 @@ def main(argv: list[str]) -> int:
         out_dir,
         f"upsampler_x{config.upsampler.scale}.safetensors",
     )
-    record = {
-        "command": " ".join(["python train_stage.py ssr", *argv]),
-        "data": f"videos in {videos}" if videos else "procedural world clips (stages/world.py)" if arguments.world
-        else f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}",
-        "config": asdict(config),
-        "init": arguments.init or "",
-        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": final_losses(out_dir),
-        "weights": str(weights),
-    }
-    write_record(out_dir, record)
+    data = (f"videos in {videos}" if videos else "procedural world clips (stages/world.py)" if arguments.world
+            else f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}")
+    write_record(out_dir, "ssr", argv, data, config, upsampler, started, weights, arguments.init or "")
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from stages.pixels import to_model_range
-from stages.training import TrainingConfig, config_from_overrides, final_losses, train, write_record
+from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch, video_files
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.tsr.warp import backward_warp
@@ -152,18 +152,9 @@ def main(argv: list[str]) -> int:
         arguments.out,
         WEIGHTS_NAME,
     )
-    record = {
-        "command": " ".join(["python train_stage.py tsr", *argv]),
-        "data": f"videos in {arguments.videos}" if arguments.videos else
-        "procedural world clips (stages/world.py)" if arguments.world else
-        f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}",
-        "config": asdict(config),
-        "init": arguments.init or "",
-        "parameters": sum(parameter.numel() for parameter in model.parameters()),
-        "wall_seconds_of_this_invocation": round(time.time() - started, 1),
-        "final_losses": final_losses(arguments.out),
-        "weights": str(weights),
-    }
-    write_record(arguments.out, record)
+    data = (f"videos in {arguments.videos}" if arguments.videos else
+            "procedural world clips (stages/world.py)" if arguments.world else
+            f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}")
+    write_record(arguments.out, "tsr", argv, data, config, model, started, weights, arguments.init or "")
     print(f"wrote {weights}")
     return 0
