@@ -201,9 +201,10 @@ def write_record(
     weights: Path, init: str = "", **extra: Any,
 ) -> dict[str, Any]:
     """Writes what a run was as `OUT/training_record.json`, atomically, and returns it: the command
-    (`train_stage.py` `stage` and its `argv`), its data, its config (a dataclass), the weights it started from (`init`,
-    "" when from scratch), the model's parameter count, the wall time since `started` (time.time()),
-    the final losses of its log, any `extra` entries and the weights it wrote."""
+    (`train_stage.py` `stage` and its `argv`), its data, its config (a dataclass), the weights it
+    started from (`init`, "" when from scratch), the model's parameter count, the wall time since
+    `started` (time.time()), the final losses of its log, any `extra` entries and the weights it
+    wrote."""
     record = {
         "command": " ".join([f"python train_stage.py {stage}", *argv]),
         "data": data,

@@ -343,6 +343,15 @@ class WorldSource:
     time_step: float = 1.0
 
 
+def clip_source(videos: Path | None, world: bool) -> str:
+    """What `clip_batch` draws training clips from, in words, for a run's record."""
+    if videos is not None:
+        return f"videos in {videos}"
+    if world:
+        return "procedural world clips (stages/world.py)"
+    return f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}"
+
+
 def clip_batch(
     step: int,
     seed: int,

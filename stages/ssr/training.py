@@ -33,7 +33,7 @@ from stages.pixels import to_model_range
 from stages.ssr.upsampler import SUPPORTED_SCALES, WaveletUpsampler, WaveletUpsamplerConfig
 from stages.ssr.wavelet import LOW_BAND_GAIN, dwt2
 from stages.training import TrainingConfig, config_from_overrides, train, write_record
-from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch
+from stages.training_data import WorldSource, clip_batch, clip_source
 from stages.weights import load_into, read_state_dict
 
 BAND_NAMES = ("LH", "HL", "HH")
@@ -220,7 +220,6 @@ def main(argv: list[str]) -> int:
         out_dir,
         f"upsampler_x{config.upsampler.scale}.safetensors",
     )
-    data = (f"videos in {videos}" if videos else "procedural world clips (stages/world.py)" if arguments.world
-            else f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}")
+    data = clip_source(videos, arguments.world)
     write_record(out_dir, "ssr", argv, data, config, upsampler, started, weights, arguments.init or "")
     return 0

@@ -29,7 +29,7 @@ import torch
 
 from stages.pixels import to_model_range
 from stages.training import TrainingConfig, config_from_overrides, train, write_record
-from stages.training_data import TRAINING_PHOTOS, WorldSource, clip_batch, video_files
+from stages.training_data import WorldSource, clip_batch, clip_source, video_files
 from stages.tsr.learned import LearnedInterpolator, LearnedInterpolatorConfig
 from stages.tsr.warp import backward_warp
 from stages.weights import load_into, read_state_dict
@@ -152,9 +152,7 @@ def main(argv: list[str]) -> int:
         arguments.out,
         WEIGHTS_NAME,
     )
-    data = (f"videos in {arguments.videos}" if arguments.videos else
-            "procedural world clips (stages/world.py)" if arguments.world else
-            f"synthetic clips of the photos {', '.join(TRAINING_PHOTOS)}")
+    data = clip_source(arguments.videos, arguments.world)
     write_record(arguments.out, "tsr", argv, data, config, model, started, weights, arguments.init or "")
     print(f"wrote {weights}")
     return 0
