@@ -165,16 +165,15 @@ def test_the_long_clip_check_reads_the_changes_at_the_joints():
     """49 frames in windows [0, 5), [3, 8), [5, 10), [8, 13): the joints are the latent boundaries 3,
     5, 8 and 10, so the frame changes 8→9, 16→17, 28→29 and 36→37. A grey ramp changes by 1 level
     per frame; a jump of 10 more lands at a joint or inside a window."""
-    windows = WINDOWS_49
     case = held_out_prompts(1)[0]
     ramp = np.broadcast_to(np.arange(49, dtype=np.uint8)[:, None, None, None], (49, 8, 8, 3)).copy()
     at_joint, inside = ramp.copy(), ramp.copy()
     at_joint[17:] += 10  # the change 16 → 17
     inside[21:] += 10  # the change 20 → 21
-    check = check_long_clip(at_joint, case, windows)
+    check = check_long_clip(at_joint, case, WINDOWS_49)
     assert (check.joint_change, check.inside_change, check.joints_smooth) == (11.0, 1.0, False)
     assert len(check.segments) == 3  # frames 0–16, 16–32, 32–48
-    check = check_long_clip(inside, case, windows)
+    check = check_long_clip(inside, case, WINDOWS_49)
     assert (check.joint_change, check.inside_change, check.joints_smooth) == (1.0, 11.0, True)
 
 
@@ -185,13 +184,12 @@ def test_the_long_clip_check_measures_how_far_the_object_falls_back():
     case = PromptCase("a red circle drifting up and to the left", "red", "circle", "up-left", "slow")
     clip = clip_for(case.colour, case.shape, case.direction, case.speed, np.random.default_rng(3), 49)
     frames = render_clip(clip, 49, 128)
-    windows = WINDOWS_49
-    check = check_long_clip(frames, case, windows)
+    check = check_long_clip(frames, case, WINDOWS_49)
     assert check.fall_back < 0.5 / 128 and check.keeps_going  # under half a pixel: rasterisation alone
     restarted = np.concatenate([frames[:25], frames[9:33]])
     obj = clip.objects[0]
     moved = np.subtract(object_centre(obj, 24), object_centre(obj, 9)) @ np.asarray(DIRECTIONS[case.direction][0])
-    check = check_long_clip(restarted, case, windows)
+    check = check_long_clip(restarted, case, WINDOWS_49)
     assert check.fall_back == pytest.approx(moved, abs=0.5 / 128) and moved > 0.1
     assert not check.keeps_going
 
