@@ -57,6 +57,7 @@ from cascade.payload import Request  # noqa: E402
 from flows import flow_sigmas  # noqa: E402
 from stages.base.dit import WanDiT, official_state_dict_from_diffusers  # noqa: E402
 from stages.base.stage import BaseStage  # noqa: E402
+from stages.compiling import require_compiler  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
 
 PROMPT = "一个红色的球向右滚动"  # the tiny cascade's default prompt
@@ -98,6 +99,7 @@ class Setup:
         generator = torch.Generator().manual_seed(SEED)
         self.noise = torch.randn(self.base.latent_shape(self.request), generator=generator)
         self.eager_dit = self.base.dit
+        require_compiler("cpu", "the compiled rows of bench/bench_base_stage.py")  # both sides compile
         self.compiled_dit = copy.deepcopy(self.base.dit)  # compiles on its first call
         self.compiled_dit.compile_blocks()
         self.transformer = diffusers_transformer(self.base.dit)

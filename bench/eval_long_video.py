@@ -155,12 +155,17 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        text = DOC_PATH.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{DOC_PATH} lacks the markers {BEGIN} and {END}")
-        head, rest = text.split(BEGIN, 1)
-        write_atomic(DOC_PATH, (head + BEGIN + "\n" + table + "\n" + END + rest.split(END, 1)[1]).encode())
+        write_between_markers(DOC_PATH, BEGIN, END, table)
     return 0
+
+
+def write_between_markers(path: Path, begin: str, end: str, text: str) -> None:
+    """Replaces what lies between the lines `begin` and `end` of the file at `path` by `text`."""
+    document = path.read_text()
+    if begin not in document or end not in document:
+        raise SystemExit(f"{path} lacks the markers {begin} and {end}")
+    head, rest = document.split(begin, 1)
+    write_atomic(path, (head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]).encode())
 
 
 if __name__ == "__main__":
