@@ -152,20 +152,21 @@ def main() -> int:
         cells = [cell(result, column) for column in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_between_markers(DOC_PATH, BEGIN, END, table)
+    record_table("\n".join(lines), BEGIN, END, write=not args.no_write)
     return 0
 
 
-def write_between_markers(path: Path, begin: str, end: str, text: str) -> None:
-    """Replaces what lies between the lines `begin` and `end` of the file at `path` by `text`."""
+def record_table(table: str, begin: str, end: str, write: bool, path: Path = DOC_PATH) -> None:
+    """Prints `table` and, with `write`, puts it in place of what lies between the lines `begin` and
+    `end` of the file at `path`."""
+    print(table)
+    if not write:
+        return
     document = path.read_text()
     if begin not in document or end not in document:
         raise SystemExit(f"{path} lacks the markers {begin} and {end}")
     head, rest = document.split(begin, 1)
-    write_atomic(path, (head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]).encode())
+    write_atomic(path, (head + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1]).encode())
 
 
 if __name__ == "__main__":

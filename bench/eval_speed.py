@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPOSITORY_ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bench.eval_long_video import DOC_PATH, SEED, write_between_markers  # noqa: E402
+from bench.eval_long_video import SEED, record_table  # noqa: E402
 from cascade.config import load_config  # noqa: E402
 from stages.base.stage import BaseStage  # noqa: E402
 from stages.tsr.stage import TsrStage  # noqa: E402
@@ -100,10 +100,7 @@ def main() -> int:
         clips = generated_clips([*args.overrides, f"stages.base.guidance_scale={scale:g}"], cases)
         lines.append(row(f"the tiny DiT, guidance {scale:g}", distances(clips, cases)))
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if not args.no_write:
-        write_between_markers(DOC_PATH, BEGIN, END, table)
+    record_table("\n".join(lines), BEGIN, END, write=not args.no_write)
     return 0
 
 
