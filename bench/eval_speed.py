@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
@@ -49,17 +50,16 @@ def group(case: PromptCase) -> str:
     return f"{case.speed}, {'naming' if names else 'not naming'} the speed"
 
 
-def cells(clips: list[np.ndarray], cases: list[PromptCase], groups: list[str]) -> list[str]:
-    """Per group: the median distance moved by the clips that went the prompt's way."""
-    moved = {name: [] for name in groups}
-    counts = dict.fromkeys(groups, 0)
+def cells(clips: list[np.ndarray], cases: list[PromptCase], counts: Counter[str]) -> list[str]:
+    """Per group (`counts`: group -> its prompts): the median distance moved by the clips that went
+    the prompt's way."""
+    moved = {name: [] for name in counts}
     for frames, case in zip(clips, cases):
         check = check_base_clip(frames, case)
-        counts[group(case)] += 1
         if check.direction_matches:
             moved[group(case)].append(check.motion / frames.shape[2])
     return [("—" if not moved[name] else f"{np.median(moved[name]):.2f}")
-            + ("" if len(moved[name]) == counts[name] else f" ({len(moved[name])})") for name in groups]
+            + ("" if len(moved[name]) == counts[name] else f" ({len(moved[name])})") for name in counts]
 
 
 def generated_clips(overrides: list[str], cases: list[PromptCase]) -> list[np.ndarray]:
@@ -83,12 +83,12 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = held_out_prompts(args.prompts)
-    groups = sorted({group(case) for case in cases})
+    counts = Counter(sorted(group(case) for case in cases))  # group -> its prompts, in the table's order
     columns = {"the world's own clips": world_clips(cases)}
     for scale in args.guidance:
         columns[f"tiny DiT, guidance {scale:g}"] = generated_clips([*args.overrides, f"stages.base.guidance_scale={scale:g}"], cases)
         print(f"guidance {scale:g} done", flush=True)
-    table = {name: cells(clips, cases, groups) for name, clips in columns.items()}
+    table = {name: cells(clips, cases, counts) for name, clips in columns.items()}
     lines = [
         f"{args.prompts} held-out prompts, {FRAMES} frames at 128×128, tiny config"
         + (f" with {' '.join(args.overrides)}" if args.overrides else "") + f", {args.threads} threads. Median "
@@ -99,8 +99,7 @@ def main() -> int:
         "| prompts | count | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for index, name in enumerate(groups):
-        count = sum(group(case) == name for case in cases)
+    for index, (name, count) in enumerate(counts.items()):
         lines.append(f"| {name} | {count} | " + " | ".join(table[column][index] for column in columns) + " |")
     record_table("\n".join(lines), BEGIN, END, write=not args.no_write)
     return 0
