@@ -299,20 +299,36 @@ def _describe(obj: WorldObject, template: str, language: str, rng: np.random.Gen
     )
 
 
+def names_speed(template: str) -> bool:
+    """Whether a phrasing has a word for its object's speed."""
+    return "{a}" in template or "{v}" in template
+
+
 def caption(clip: WorldClip, rng: np.random.Generator, split: str = "train", language: str | None = None,
-            made_up_share: float = 0.0) -> str:
+            made_up_share: float = 0.0, speed_named_share: float | None = None) -> str:
     """A caption of `clip` in one of `split`'s phrasings, in `language` (random if None). Objects
-    are described one after another, each in a phrasing of its own. A share `made_up_share` of
-    captions get made-up words put in (`add_made_up_words`)."""
+    are described one after another, each in a phrasing of its own, drawn from all the phrasings
+    or, where `speed_named_share` is given, from those that name the speed for that share of the
+    objects and from the others for the rest. A share `made_up_share` of captions get made-up words
+    put in (`add_made_up_words`)."""
     if split not in PHRASINGS:
         raise ValueError(f"unknown phrasing split {split!r}: expected one of {list(PHRASINGS)}")
     language = language if language is not None else str(rng.choice(LANGUAGES))
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}: expected one of {list(LANGUAGES)}")
+    if speed_named_share is not None and not 0.0 <= speed_named_share <= 1.0:
+        raise ValueError(f"speed_named_share must be in [0, 1] (or None for all phrasings alike), got {speed_named_share}")
     templates = PHRASINGS[split][language]
     made_up = rng.random() < made_up_share
-    parts = [_describe(obj, templates[int(rng.integers(len(templates)))], language, rng, SLOT if made_up else "")
-             for obj in clip.objects]
+
+    def phrasing() -> str:
+        choices = templates
+        if speed_named_share is not None:
+            named = rng.random() < speed_named_share
+            choices = [template for template in templates if names_speed(template) == named]
+        return choices[int(rng.integers(len(choices)))]
+
+    parts = [_describe(obj, phrasing(), language, rng, SLOT if made_up else "") for obj in clip.objects]
     text = TWO_OBJECT_JOINERS[language].join(parts)
     return add_made_up_words(text, rng, language) if made_up else text
 

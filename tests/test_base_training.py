@@ -182,6 +182,8 @@ def test_the_commands_name_bad_values(capsys):
     assert "clip_frames" in capsys.readouterr().out
     assert dit_main(["dit.text_dim=32"]) == 2
     assert "text_dim" in capsys.readouterr().out
+    assert dit_main(["speed_named_share=1.5"]) == 2
+    assert "speed_named_share=1.5" in capsys.readouterr().out
 
 
 def test_the_reconstruction_weight_follows_hsv_saturation():

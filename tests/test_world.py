@@ -107,6 +107,21 @@ def test_captions_name_the_attributes_in_both_languages():
                 assert any(word in text for word in world.DIRECTIONS[obj.direction][1 + column])
 
 
+def test_captions_name_the_speed_for_the_share_asked():
+    """The speed words come from the world's vocabulary (SPEEDS), read off the text, not the template."""
+    rng = np.random.default_rng(12)
+    for share, expected in ((1.0, 1.0), (0.0, 0.0), (0.5, 0.5)):
+        named = []
+        for _ in range(400):
+            clip = world.random_clip(rng, FRAMES, two_object_share=0.0)
+            language = str(rng.choice(world.LANGUAGES))
+            text = world.caption(clip, rng, "train", language, speed_named_share=share)
+            named.append(any(word in text for word in world.SPEEDS[clip.objects[0].speed][1:]))
+        assert abs(np.mean(named) - expected) < 0.07, (share, np.mean(named))
+    with pytest.raises(ValueError, match="speed_named_share"):
+        world.caption(clip, rng, "train", speed_named_share=1.5)
+
+
 def test_two_object_captions_describe_both():
     rng = np.random.default_rng(6)
     clip = world.random_clip(rng, FRAMES, two_object_share=1.0)

@@ -8,9 +8,10 @@ default their shipped weights). First `clips` world clips of the cascade's size 
 are encoded once by the frozen VAE into normalised latents (B, 16, 5, 16, 16) and cached in the run
 folder (`latents.pt`), so that a resumed run does not encode them again. Each step then draws a
 batch of latents, a fresh caption of each clip in one of the world's `train` phrasings (English or
-Chinese, some with made-up words put in), encodes the captions with the frozen text encoder, replaces a share `caption_dropout` of
-them by the empty prompt (what classifier-free guidance contrasts with), draws noise levels from
-the shifted schedule of flows/ and regresses the DiT's velocity on ε − x0 (mean squared error).
+Chinese, some with made-up words put in; `speed_named_share` sets how many name the speed), encodes
+the captions with the frozen text encoder, replaces a share `caption_dropout` of them by the empty
+prompt (what classifier-free guidance contrasts with), draws noise levels from the shifted schedule
+of flows/ and regresses the DiT's velocity on ε − x0 (mean squared error).
 
 The world's objects cover a few percent of a frame, and where they are in each frame is all a
 prompt's direction decides; with a plain mean the loss is mostly background, and 5300 steps learnt
@@ -78,8 +79,15 @@ class DitTrainingConfig:
     shift: float = 3.0
     caption_dropout: float = 0.1
     made_up_share: float = 0.3  # of captions with made-up words put in, as the text encoder was trained
+    # of objects captioned in a phrasing that names their speed (None: every train phrasing alike,
+    # about 45% of them naming it)
+    speed_named_share: float | None = None
     two_object_share: float = 0.2
     object_weight: float = 25.0  # loss weight of the latent elements an object covers (1 elsewhere)
+
+    def __post_init__(self) -> None:
+        if self.speed_named_share is not None and not 0.0 <= self.speed_named_share <= 1.0:
+            raise ValueError(f"speed_named_share={self.speed_named_share} must be in [0, 1], or null for every phrasing alike")
 
 
 class FlowBatch(NamedTuple):
@@ -152,7 +160,8 @@ def training_batches(config: DitTrainingConfig, latents: torch.Tensor, object_ma
         rng = np.random.default_rng([config.training.seed, step, 11])
         chosen = rng.integers(0, config.clips, config.training.batch_size)
         prompts = ["" if rng.random() < config.caption_dropout
-                   else caption(descriptions[index], rng, "train", made_up_share=config.made_up_share)
+                   else caption(descriptions[index], rng, "train", made_up_share=config.made_up_share,
+                                speed_named_share=config.speed_named_share)
                    for index in chosen]
         text, _ = text_encoder.encode(prompts)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
