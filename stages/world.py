@@ -299,7 +299,7 @@ def _describe(obj: WorldObject, template: str, language: str, rng: np.random.Gen
     )
 
 
-def names_speed(template: str) -> bool:
+def _names_speed(template: str) -> bool:
     """Whether a phrasing has a word for its object's speed."""
     return "{a}" in template or "{v}" in template
 
@@ -325,7 +325,7 @@ def caption(clip: WorldClip, rng: np.random.Generator, split: str = "train", lan
         choices = templates
         if speed_named_share is not None:
             named = rng.random() < speed_named_share
-            choices = [template for template in templates if names_speed(template) == named]
+            choices = [template for template in templates if _names_speed(template) == named]
         return choices[int(rng.integers(len(choices)))]
 
     parts = [_describe(obj, phrasing(), language, rng, SLOT if made_up else "") for obj in clip.objects]
