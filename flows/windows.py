@@ -9,15 +9,24 @@ frames from the first (noisiest) step on, and no seam is frozen in early. Each w
 model call per step, so time grows linearly with the clip's length and the model's memory stays
 that of one window.
 
+Windows of neighbouring frames each see a stretch of the clip as long as a training clip, and none
+sees where the clip as a whole goes. An overview window can: W frames spread evenly from the clip's
+first to its last (`overview_frames`), at their places in the clip as positions (a model whose
+rotary embedding takes positions, such as stages/base/dit.py's, sees frames 3 apart as 3 apart).
+Its velocity replaces the blend at those frames, so it lays out the motion over the whole clip and
+the windows fill in the frames between. A model must be trained on such strided windows for this to
+help (docs/long_video.md).
+
     spans = window_spans(13, window=5, overlap=2)     # [(0, 5), (3, 8), (5, 10), (8, 13)]
-    velocity = windowed_velocity(per_window_velocity, spans)
+    overview = overview_frames(13, window=5)          # [0, 3, 6, 9, 12]
+    velocity = windowed_velocity(per_window_velocity, spans, overview)  # the overview is window 4
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -28,10 +37,12 @@ WindowVelocityFn = Callable[[int, Tensor, Tensor], Tensor]  # (window index, x o
 @dataclass
 class WindowConfig:
     """`stages.base.window`: latent frames per window and the least overlap between neighbours.
-    `latent_frames` 0 turns windows off (the model sees the whole clip at once)."""
+    `latent_frames` 0 turns windows off (the model sees the whole clip at once). `overview` adds the
+    overview window (`overview_frames`) to a clip longer than one window."""
 
     latent_frames: int = 0
     overlap: int = 0
+    overview: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,6 +64,10 @@ class WindowConfig:
             )
         if not self.enabled and self.overlap:
             raise ValueError(f"{key}.overlap={self.overlap} needs {key}.latent_frames > 0 (windows are off)")
+        if not isinstance(self.overview, bool):
+            raise ValueError(f"{key}.overview={self.overview!r} is not valid: true or false")
+        if self.overview and self.latent_frames < 2:
+            raise ValueError(f"{key}.overview=true needs {key}.latent_frames ≥ 2, got {self.latent_frames}")
 
 
 def window_spans(length: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -70,6 +85,15 @@ def window_spans(length: int, window: int, overlap: int) -> list[tuple[int, int]
     count = 1 + math.ceil((length - window) / (window - overlap))
     starts = [round(index * (length - window) / (count - 1)) for index in range(count)]
     return [(start, start + window) for start in starts]
+
+
+def overview_frames(length: int, window: int) -> list[int]:
+    """The overview window's `window` latent frames, spread evenly from the first of `length` frames
+    to the last (rounded to the nearest frame): [0, 3, 6, 9, 12] for 13 frames and windows of 5."""
+    if window < 2 or length <= window:
+        raise ValueError(f"an overview window needs window ≥ 2 and a clip longer than it; got length={length}, "
+                         f"window={window}")
+    return [round(index * (length - 1) / (window - 1)) for index in range(window)]
 
 
 def blend_weights(spans: list[tuple[int, int]], length: int) -> Tensor:
@@ -94,13 +118,16 @@ def blend_weights(spans: list[tuple[int, int]], length: int) -> Tensor:
 
 
 def windowed_velocity(
-    window_velocity: WindowVelocityFn, spans: list[tuple[int, int]], frame_dim: int = 2
+    window_velocity: WindowVelocityFn, spans: list[tuple[int, int]], overview: Sequence[int] = (),
+    frame_dim: int = 2,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """The sampler-facing `fn(x, sigma) -> v` of a clip denoised by windows: `window_velocity(i, x_i,
     sigma)` predicts window i's velocity from its frames x_i = x[..., start_i:stop_i, ...] (along
-    `frame_dim`), and the clip's velocity is their blend (`blend_weights`)."""
+    `frame_dim`), and the clip's velocity is their blend (`blend_weights`). With `overview` frames,
+    window len(spans) is x at those frames, and its velocity is the clip's there."""
     length = spans[-1][1]
     weights = blend_weights(spans, length)  # (windows, length)
+    overview_index = torch.tensor(list(overview), dtype=torch.long)
 
     def velocity(x: Tensor, sigma: Tensor) -> Tensor:
         if x.shape[frame_dim] != length:
@@ -112,6 +139,10 @@ def windowed_velocity(
             window = window_velocity(index, x.narrow(frame_dim, start, stop - start).contiguous(), sigma)
             weight = weights[index, start:stop].to(x.device, x.dtype).view(shape)  # on x's device (a GPU)
             blended.narrow(frame_dim, start, stop - start).add_(window * weight)
+        if len(overview_index):
+            index = overview_index.to(x.device)
+            seen = window_velocity(len(spans), x.index_select(frame_dim, index), sigma)
+            blended.index_copy_(frame_dim, index, seen.to(blended.dtype))
         return blended
 
     return velocity

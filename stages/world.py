@@ -25,7 +25,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -171,11 +171,13 @@ def _check_in_view(num_frames: int, speeds: Iterable[str], directions: Iterable[
 
 
 def _random_object(rng: np.random.Generator, num_frames: int, colour: str | None = None, shape: str | None = None,
-                   direction: str | None = None, speed: str | None = None) -> WorldObject:
-    """An object with the given attributes, the others (and its path, size and exact hue) random."""
+                   direction: str | None = None, speed: str | None = None,
+                   speeds: Sequence[str] = tuple(SPEEDS)) -> WorldObject:
+    """An object with the given attributes, the others (and its path, size and exact hue) random; a
+    random speed is one of `speeds`."""
     colour, shape, direction, speed = (
         value if value is not None else str(rng.choice(list(names)))
-        for value, names in ((colour, COLOURS), (shape, SHAPES), (direction, DIRECTIONS), (speed, SPEEDS))
+        for value, names in ((colour, COLOURS), (shape, SHAPES), (direction, DIRECTIONS), (speed, speeds))
     )
     radius = float(rng.uniform(*SIZE_RANGE))
     (dx, dy), step = DIRECTIONS[direction][0], SPEEDS[speed][0]
@@ -192,14 +194,22 @@ def _random_object(rng: np.random.Generator, num_frames: int, colour: str | None
                        tuple(float(v) for v in rgb))
 
 
-def random_clip(rng: np.random.Generator, num_frames: int, two_object_share: float = 0.2) -> WorldClip:
-    """A random clip description: one object, or two of different colours with `two_object_share`."""
-    _check_in_view(num_frames, SPEEDS, DIRECTIONS)
-    first = _random_object(rng, num_frames)
+def speeds_in_view(num_frames: int) -> list[str]:
+    """The speeds whose objects stay in view for `num_frames` frames whatever their direction: both
+    for 17 frames, the slow one alone for 33 or 49 (`frames_in_view`)."""
+    return [speed for speed in SPEEDS if all(num_frames <= frames_in_view(speed, direction) for direction in DIRECTIONS)]
+
+
+def random_clip(rng: np.random.Generator, num_frames: int, two_object_share: float = 0.2,
+                speeds: Sequence[str] = tuple(SPEEDS)) -> WorldClip:
+    """A random clip description: one object, or two of different colours with `two_object_share`,
+    each moving at one of `speeds`."""
+    _check_in_view(num_frames, speeds, DIRECTIONS)
+    first = _random_object(rng, num_frames, speeds=speeds)
     objects = [first]
     if rng.random() < two_object_share:
         other_colours = [name for name in COLOURS if name != first.colour]
-        objects.append(_random_object(rng, num_frames, str(rng.choice(other_colours))))
+        objects.append(_random_object(rng, num_frames, str(rng.choice(other_colours)), speeds=speeds))
     return WorldClip(tuple(objects), _random_background(rng))
 
 
@@ -481,10 +491,10 @@ def motion_direction(centroids: np.ndarray) -> tuple[str, float]:
 
 
 def world_batch(step: int, seed: int, batch_size: int, num_frames: int, size: int,
-                two_object_share: float = 0.2) -> tuple[np.ndarray, list[WorldClip]]:
+                two_object_share: float = 0.2, speeds: Sequence[str] = tuple(SPEEDS)) -> tuple[np.ndarray, list[WorldClip]]:
     """(B, num_frames, size, size, 3) uint8 clips and their descriptions, a function of (step, seed)
     alone, so a resumed training run sees the batches it would have seen."""
-    clips = world_clips(step, seed, batch_size, num_frames, two_object_share)
+    clips = world_clips(step, seed, batch_size, num_frames, two_object_share, speeds)
     return np.stack([render_clip(clip, num_frames, size) for clip in clips]), clips
 
 
@@ -507,7 +517,8 @@ def world_crops(step: int, seed: int, batch_size: int, num_frames: int, crop_siz
     return np.stack(crops)
 
 
-def world_clips(step: int, seed: int, batch_size: int, num_frames: int, two_object_share: float = 0.2) -> list[WorldClip]:
+def world_clips(step: int, seed: int, batch_size: int, num_frames: int, two_object_share: float = 0.2,
+                speeds: Sequence[str] = tuple(SPEEDS)) -> list[WorldClip]:
     """The descriptions of `world_batch`'s clips, without rendering them."""
     rng = np.random.default_rng([seed, step])
-    return [random_clip(rng, num_frames, two_object_share) for _ in range(batch_size)]
+    return [random_clip(rng, num_frames, two_object_share, speeds) for _ in range(batch_size)]

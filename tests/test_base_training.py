@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from stages.base.dit import WanDiT, WanDiTConfig
-from stages.base.dit_training import FlowBatch, flow_matching_loss, latent_object_masks, main as dit_main
+from stages.base.dit_training import (
+    DitTrainingConfig,
+    FlowBatch,
+    flow_matching_loss,
+    latent_object_masks,
+    main as dit_main,
+    training_batches as dit_training_batches,
+)
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder
 from stages.base.text_encoder_training import _labels, main as text_encoder_main
 from stages.base.vae import WanVAE, WanVAEConfig
@@ -131,11 +138,14 @@ def test_the_dit_command_trains_on_encoded_world_clips_and_reuses_them(trained_v
         f"text_encoder_weights={root / 'text' / 'text_encoder.safetensors'}",
         "dit.dim=24", "dit.ffn_dim=48", "dit.num_heads=2", "dit.num_layers=1", "dit.text_dim=16", "dit.text_len=64",
         "clips=3", "num_frames=5", "frame_size=32", "training.batch_size=2", "training.threads=1",
+        "overview_share=0.5", "long_clips=2", "long_frames=[9]",
     ]
     assert dit_main(arguments) == 0
     cached = torch.load(tmp_path / "dit" / "latents.pt", weights_only=True)
     latents = cached["latents"]
     assert latents.shape == (3, 16, 2, 4, 4) and cached["object_masks"].shape == (3, 1, 2, 4, 4)
+    long = torch.load(tmp_path / "dit" / "long_latents_9.pt", weights_only=True)  # 9 frames: 3 latent frames
+    assert long["latents"].shape == (2, 16, 3, 4, 4) and long["object_masks"].shape == (2, 1, 3, 4, 4)
     dit = WanDiT.from_pretrained(tmp_path / "dit" / "dit.safetensors", WanDiTConfig(
         dim=24, ffn_dim=48, num_heads=2, num_layers=1, text_dim=16, text_len=64))
     velocity = dit(latents[:1], torch.tensor([500.0]), torch.zeros(1, 64, 16))
@@ -146,6 +156,31 @@ def test_the_dit_command_trains_on_encoded_world_clips_and_reuses_them(trained_v
     assert (tmp_path / "dit" / "latents.pt").stat().st_mtime_ns == marker
     steps = [json.loads(line)["step"] for line in (tmp_path / "dit" / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_overview_steps_train_on_long_clips_frames_at_their_places():
+    """With overview_share 1 every batch holds long clips' overview frames (0, 3, 6, 9, 12 of 13
+    latent frames, for windows of 5) with those frame positions; with 0 the batches are the ones a
+    run without long clips draws."""
+    text_encoder = TextEncoder(TEXT_ENCODER_SIZES["tiny"])
+    short = torch.randn(6, 16, 5, 2, 2)
+    long_latents = torch.arange(13.0).view(1, 1, 13, 1, 1).expand(4, 16, 13, 2, 2) + 100 * torch.arange(4.0).view(4, 1, 1, 1, 1)
+    long = {49: (long_latents, torch.zeros(4, 1, 13, 2, 2, dtype=torch.bool))}
+    masks = torch.zeros(6, 1, 5, 2, 2, dtype=torch.bool)
+    config = DitTrainingConfig(clips=6, long_clips=4, long_frames=[49], overview_share=1.0)
+    for step in range(3):
+        batch = dit_training_batches(config, short, masks, text_encoder, long)(step)
+        assert batch.frame_positions == [0, 3, 6, 9, 12]
+        clip = batch.latents[:, 0, 0, 0, 0] // 100  # which long clip each sample is
+        expected = 100 * clip[:, None] + torch.tensor([0.0, 3, 6, 9, 12])
+        assert torch.equal(batch.latents[:, 0, :, 0, 0], expected)
+    config = DitTrainingConfig(clips=6, long_clips=4, long_frames=[49], overview_share=0.0)
+    plain = DitTrainingConfig(clips=6)
+    for step in range(3):
+        with_long = dit_training_batches(config, short, masks, text_encoder, long)(step)
+        without = dit_training_batches(plain, short, masks, text_encoder)(step)
+        assert with_long.frame_positions is None and torch.equal(with_long.latents, without.latents)
+        assert torch.equal(with_long.noise, without.noise) and torch.equal(with_long.text, without.text)
 
 
 def test_latent_object_masks_cover_the_object_on_the_causal_latent_grid():
@@ -163,7 +198,7 @@ def test_latent_object_masks_cover_the_object_on_the_causal_latent_grid():
 
 def test_the_flow_matching_loss_is_the_weighted_mean_of_squared_errors():
     class Constant(torch.nn.Module):  # a "DiT" whose velocity is 0: the error is the target itself
-        def forward(self, noisy, timesteps, text):
+        def forward(self, noisy, timesteps, text, frame_positions=None):
             return torch.zeros_like(noisy)
 
     generator = torch.Generator().manual_seed(0)
@@ -184,6 +219,10 @@ def test_the_commands_name_bad_values(capsys):
     assert "text_dim" in capsys.readouterr().out
     assert dit_main(["speed_named_share=1.5"]) == 2
     assert "speed_named_share=1.5" in capsys.readouterr().out
+    assert dit_main(["overview_share=-0.5"]) == 2
+    assert "overview_share=-0.5 must be in [0, 1]" in capsys.readouterr().out
+    assert dit_main(["long_frames=[61]"]) == 2
+    assert "long_frames [61]: each must be 4·k + 1 frames" in capsys.readouterr().out
 
 
 def test_the_reconstruction_weight_follows_hsv_saturation():

@@ -20,9 +20,11 @@ from stages.base.dit import (
     WanDiTConfig,
     official_state_dict_from_diffusers,
     read_config,
+    rope_rotations,
     timestep_embedding,
 )
 from stages.weights import WeightsError
+from tests.test_parallel import SMALL_DIT, random_dit
 
 PARITY_TOLERANCE = 1e-5  # max |ours − diffusers| / max |diffusers|, float32
 TEXT_LEN = 512  # diffusers configs carry no text_len, so a diffusers checkpoint means Wan's 512
@@ -379,3 +381,36 @@ def test_untrained_model_runs_at_the_tiny_size():
         velocity = model(torch.randn(1, 16, 2, 16, 16), torch.tensor([500.0]), torch.zeros(1, 128, 64))
     assert velocity.shape == (1, 16, 2, 16, 16)
     assert torch.isfinite(velocity).all() and velocity.abs().max() > 0
+
+
+def test_frame_positions_place_the_frames_on_the_rotary_axis():
+    """Frames given positions 0, 3, 6 rotate as frames 0, 3 and 6 of a 7-frame grid do, and their
+    rows alone: height and width rotate as before."""
+    head_dim = 24
+    whole = rope_rotations((7, 2, 3), head_dim).view(7, 6, 1, head_dim // 2)
+    spread = rope_rotations((3, 2, 3), head_dim, frame_positions=[0, 3, 6]).view(3, 6, 1, head_dim // 2)
+    torch.testing.assert_close(spread, whole[[0, 3, 6]], rtol=0, atol=0)
+    torch.testing.assert_close(rope_rotations((3, 2, 3), head_dim, frame_positions=[0, 1, 2]),
+                               rope_rotations((3, 2, 3), head_dim), rtol=0, atol=0)
+
+
+def test_only_the_differences_of_frame_positions_reach_the_velocity():
+    """Rotary attention depends on the offsets between tokens: frames at 0, 3, 6 give the velocity of
+    frames at 4, 7, 10 (to float rounding), and a different spacing gives another velocity."""
+    dit = random_dit()
+    generator = torch.Generator().manual_seed(2)
+    latents = torch.randn(1, 16, 3, 4, 4, generator=generator)
+    timestep, text = torch.tensor([500.0]), torch.randn(1, SMALL_DIT.text_len, SMALL_DIT.text_dim, generator=generator)
+    with torch.no_grad():
+        spread = dit(latents, timestep, text, frame_positions=[0, 3, 6])
+        shifted = dit(latents, timestep, text, frame_positions=[4, 7, 10])
+        neighbours = dit(latents, timestep, text)
+    torch.testing.assert_close(shifted, spread, rtol=1e-4, atol=1e-5)
+    assert (spread - neighbours).abs().max() > 1e-2 * neighbours.abs().max()
+
+
+@pytest.mark.parametrize("positions", [[0, 3], [0, 3, 3], [6, 3, 0]])
+def test_bad_frame_positions_are_named(positions):
+    with pytest.raises(ValueError, match=r"frame_positions .* must be 3 rising integers"):
+        random_dit()(torch.zeros(1, 16, 3, 4, 4), torch.tensor([500.0]), torch.zeros(1, SMALL_DIT.text_len, SMALL_DIT.text_dim),
+                     frame_positions=positions)

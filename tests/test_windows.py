@@ -1,10 +1,11 @@
 """Long clips by windows (flows/windows.py, `stages.base.window`): the spans cover the clip with the
 fewest windows that keep the overlap, the blend weights are a partition of unity that ramps across
 each overlap, a model that does not look past a frame samples the same clip with or without
-windows, the base stage's windowed denoising equals a reference loop written out here (each window
-a DiT call of W latent frames, velocities averaged on shared frames), the long-clip check reads
-the changes at the joints and how far the object falls back, and bad settings are named. The tiny
-world's 49-frame check is in tests/test_world_cascade.py."""
+windows (with the overview window too), the overview window's velocity is the clip's at its frames
+and the stage runs it at their places in the clip, the base stage's windowed denoising equals a
+reference loop written out here (each window a DiT call of W latent frames, velocities averaged on
+shared frames), the long-clip check reads the changes at the joints and how far the object falls
+back, and bad settings are named. The tiny world's 49-frame check is in tests/test_world_cascade.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 from cascade.config import load_config
 from cascade.errors import ConfigError
 from flows import flow_sigmas, sample_euler
-from flows.windows import WindowConfig, blend_weights, window_spans, windowed_velocity
+from flows.windows import WindowConfig, blend_weights, overview_frames, window_spans, windowed_velocity
 from stages.base.stage import BaseStage
 from stages.base.teacache import TeaCacheConfig
 from stages.world import DIRECTIONS, PromptCase, clip_for, held_out_prompts, object_centre, render_clip
@@ -62,9 +63,20 @@ def test_blend_weights_ramp_across_each_overlap_and_sum_to_one():
     assert weights[0, :3].eq(1).all() and weights[3, 10:].eq(1).all()
 
 
-def test_a_frame_local_model_samples_the_same_clip_with_or_without_windows():
-    """A velocity that at each frame depends on that frame alone is the same from every window, so
-    the blend returns it unchanged and the sampled clip is the one sampled without windows."""
+def test_overview_frames_spread_from_the_first_frame_to_the_last():
+    assert overview_frames(13, 5) == [0, 3, 6, 9, 12]  # 49 frames: every 12th frame, at 0, 12, … 48
+    assert overview_frames(9, 5) == [0, 2, 4, 6, 8]
+    assert overview_frames(14, 4) == [0, 4, 9, 13]  # 13/3 apart, rounded
+    assert overview_frames(6, 5) == [0, 1, 2, 4, 5]
+    with pytest.raises(ValueError, match="longer than it; got length=5, window=5"):
+        overview_frames(5, 5)
+
+
+@pytest.mark.parametrize("overview", [[], [0, 3, 6, 9, 12]])
+def test_a_frame_local_model_samples_the_same_clip_with_or_without_windows(overview):
+    """A velocity that at each frame depends on that frame alone is the same from every window, the
+    overview window's included, so the blend returns it unchanged and the sampled clip is the one
+    sampled without windows."""
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(1, 4, 13, 3, 3, generator=generator)
     target = torch.randn(1, 4, 13, 3, 3, generator=generator)
@@ -73,15 +85,29 @@ def test_a_frame_local_model_samples_the_same_clip_with_or_without_windows():
         return (x - target) / sigma
 
     def window_velocity(index, x, sigma):
-        start = spans[index][0]
-        return (x - target[:, :, start:start + x.shape[2]]) / sigma
+        frames = overview if index == len(spans) else list(range(*spans[index]))
+        return (x - target[:, :, frames]) / sigma
 
     spans = window_spans(13, 5, 2)
     sigmas = flow_sigmas(10, 3.0)
     whole = sample_euler(velocity, noise, sigmas)
-    windowed = sample_euler(windowed_velocity(window_velocity, spans), noise, sigmas)
+    windowed = sample_euler(windowed_velocity(window_velocity, spans, overview), noise, sigmas)
     torch.testing.assert_close(windowed, whole, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(whole, target, rtol=1e-5, atol=1e-5)  # Euler on this flow lands on the target
+
+
+def test_the_overview_window_sets_the_velocity_at_its_frames():
+    """Window i answers i + 1 everywhere: the overview (window 4 of 13 latent frames in windows of 5
+    overlapping by 2) gives its frames 0, 3, 6, 9, 12 a velocity of 5; the other frames keep the blend
+    of the windows that hold them (frame 4, shared by windows 0 and 1 with weights 1/3 and 2/3: 5/3)."""
+    spans = window_spans(13, 5, 2)
+    velocity = windowed_velocity(lambda index, x, sigma: torch.full_like(x, index + 1.0), spans, overview_frames(13, 5))
+    per_frame = velocity(torch.zeros(1, 1, 13, 1, 1), torch.tensor(0.5)).flatten()
+    blend = blend_weights(spans, 13).T.float() @ torch.arange(1.0, 5.0)  # (13,) without the overview
+    expected = blend.clone()
+    expected[[0, 3, 6, 9, 12]] = 5.0
+    torch.testing.assert_close(per_frame, expected)
+    assert per_frame[4].item() == pytest.approx(5 / 3)
 
 
 def test_the_blend_follows_the_device_and_dtype_of_the_clip():
@@ -134,6 +160,36 @@ def test_the_stage_denoises_windows_as_the_reference_loop():
             velocity = torch.cat([first[:, :, :2], (first[:, :, 2:] + second[:, :, :1]) / 2, second[:, :, 1:2],
                                   (second[:, :, 2:] + third[:, :, :1]) / 2, third[:, :, 1:]], dim=2)
             x = x + (sigmas[step + 1].item() - sigma) * velocity
+    torch.testing.assert_close(latents, x, rtol=1e-5, atol=1e-5)
+
+
+def test_the_stage_runs_the_overview_window_at_the_places_of_its_frames():
+    """Latent frames 7 in windows of 3 with overlap 1, and the overview: frames 0, 3 and 6 in one
+    DiT call at rotary positions 0, 3 and 6, whose guided velocity replaces the blend there."""
+    stage = windowed_stage(latent_frames=3, overlap=1, overview=True)
+    plain = windowed_stage(latent_frames=3, overlap=1)
+    generator = torch.Generator().manual_seed(3)
+    condition, uncondition = torch.randn(2, 1, SMALL_DIT.text_len, SMALL_DIT.text_dim, generator=generator)
+    noise = torch.randn(1, 16, 7, 4, 4, generator=generator)
+    notes = {}
+    latents = stage.denoise(noise, condition, uncondition, notes)
+    assert notes["overview"] == [0, 3, 6] and notes["model_calls"] == 4 * 4  # 4 steps × (3 windows + overview)
+
+    blended = windowed_velocity(lambda index, x, sigma: guided(x, sigma, None), window_spans(7, 3, 1))
+    sigmas = flow_sigmas(4, 3.0)
+
+    def guided(x, sigma, frame_positions):
+        timestep = torch.full((2,), 1000 * float(sigma))
+        both = plain.dit(torch.cat([x] * 2), timestep, torch.cat([condition, uncondition]), frame_positions=frame_positions)
+        velocity_condition, velocity_uncondition = both.chunk(2)
+        return velocity_uncondition + 4 * (velocity_condition - velocity_uncondition)
+
+    x = noise.clone()
+    with torch.no_grad():
+        for step in range(4):
+            velocity = blended(x, sigmas[step])
+            velocity[:, :, [0, 3, 6]] = guided(x[:, :, [0, 3, 6]], sigmas[step], [0, 3, 6])
+            x = x + (sigmas[step + 1].item() - sigmas[step].item()) * velocity
     torch.testing.assert_close(latents, x, rtol=1e-5, atol=1e-5)
 
 
@@ -199,6 +255,7 @@ def test_the_long_clip_check_measures_how_far_the_object_falls_back():
      r"stages.base.window.overlap=5 is not valid for latent_frames=5: from 0 to 4"),
     (["stages.base.window.latent_frames=-1"], r"stages.base.window.latent_frames=-1 is not valid: an integer ≥ 0"),
     (["stages.base.window.overlap=2"], r"stages.base.window.overlap=2 needs stages.base.window.latent_frames > 0"),
+    (["stages.base.window.overview=true"], r"stages.base.window.overview=true needs stages.base.window.latent_frames ≥ 2, got 0"),
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

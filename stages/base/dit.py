@@ -19,7 +19,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -152,16 +152,22 @@ def rope_axis_dims(head_dim: int) -> List[int]:
     return [head_dim - 2 * spatial, spatial, spatial]
 
 
-def rope_rotations(grid: tuple[int, int, int], head_dim: int) -> torch.Tensor:
+def rope_rotations(grid: tuple[int, int, int], head_dim: int,
+                   frame_positions: Sequence[int] | None = None) -> torch.Tensor:
     """3D rotary embedding for a (frames, height, width) token grid: (L, 1, head_dim/2) complex64 unit
     rotations, L = frames·height·width in raster order. Each channel pair of a head rotates by
     position·frequency along its axis (frame pairs first, then height, then width), frequencies
-    1 / theta^(2i / axis_dim). Angles are formed in float64, as Wan does, per axis (a few thousand
-    values); only the float32 result is expanded to the grid."""
+    1 / theta^(2i / axis_dim). Positions along each axis are 0, 1, 2, …, except the frames' where
+    `frame_positions` gives them: a window of frames that are not neighbours in its clip (the
+    overview window of flows/windows.py) sits at their places in the clip. Angles are formed in
+    float64, as Wan does, per axis (a few thousand values); only the float32 result is expanded."""
     per_axis = []
-    for size, axis_dim in zip(grid, rope_axis_dims(head_dim)):
+    for axis, (size, axis_dim) in enumerate(zip(grid, rope_axis_dims(head_dim))):
         frequencies = 1.0 / ROPE_THETA ** (torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
-        angles = torch.outer(torch.arange(size, dtype=torch.float64), frequencies)  # (size, axis_dim/2)
+        positions = torch.arange(size, dtype=torch.float64)
+        if axis == 0 and frame_positions is not None:
+            positions = torch.tensor(list(frame_positions), dtype=torch.float64)
+        angles = torch.outer(positions, frequencies)  # (size, axis_dim/2)
         per_axis.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64))
     frames, height, width = grid
     rotations = torch.cat(
@@ -298,7 +304,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), Float32Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = WanHead(config)
-        self._rope_cache: dict[tuple, torch.Tensor] = {}  # (grid, device) -> rotations; not a buffer
+        self._rope_cache: dict[tuple, torch.Tensor] = {}  # (grid, frame positions, device) -> rotations; not a buffer
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -323,18 +329,20 @@ class WanDiT(nn.Module):
         for block in self.blocks:
             block.compile()
 
-    def rope(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        """The rotary embedding of a token grid on `device`, computed once per grid."""
-        key = (grid, device)
+    def rope(self, grid: tuple[int, int, int], device: torch.device,
+             frame_positions: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The rotary embedding of a token grid on `device`, computed once per grid and positions."""
+        key = (grid, frame_positions, device)
         if key not in self._rope_cache:
             if len(self._rope_cache) >= self.ROPE_CACHE_SIZE:
                 self._rope_cache.pop(next(iter(self._rope_cache)))
-            self._rope_cache[key] = rope_rotations(grid, self.config.head_dim).to(device)
+            self._rope_cache[key] = rope_rotations(grid, self.config.head_dim, frame_positions).to(device)
         return self._rope_cache[key]
 
     def forward(
         self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
         sequence: Optional[SequenceParallel] = None, cache: TeaCache | None = None,
+        frame_positions: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """latents (B, in_dim, T, H, W), timestep (B,) in [0, 1000], text (B, text_len, text_dim)
         already zero-padded -> velocity (B, out_dim, T, H, W) float32. Inputs of any float dtype
@@ -343,16 +351,24 @@ class WanDiT(nn.Module):
         With `sequence` (stages/parallel.py) every rank of its group passes the same inputs and gets
         the same velocity, each computing the blocks and the head on its own shard of the tokens.
         With `cache` (stages/base/teacache.py, one per sampling run) the blocks, and the text
-        embedding they need, run only on the steps the cache does not skip."""
+        embedding they need, run only on the steps the cache does not skip.
+
+        `frame_positions` (T / patch_t integers, rising) are the token frames' places for the
+        rotary embedding, 0 … T/patch_t − 1 unless given: only their differences matter."""
         self._check_inputs(latents, timestep, text)
         batch, _, frames, height, width = latents.shape
         patch_t, patch_h, patch_w = self.config.patch_size
         grid = (frames // patch_t, height // patch_h, width // patch_w)
+        if frame_positions is not None:
+            frame_positions = tuple(int(position) for position in frame_positions)
+            if len(frame_positions) != grid[0] or any(b <= a for a, b in zip(frame_positions, frame_positions[1:])):
+                raise ValueError(f"frame_positions {list(frame_positions)} must be {grid[0]} rising integers, "
+                                 f"one per token frame of latents {tuple(latents.shape)}")
 
         # The patch embedding is a convolution whose stride is its kernel: a linear map of each
         # patch, applied here to the patches of this rank's tokens only.
         x = patchify(latents, self.config.patch_size)  # (B, L, in_dim·patch volume)
-        rope = self.rope(grid, latents.device)  # (L, 1, head_dim/2)
+        rope = self.rope(grid, latents.device, frame_positions)  # (L, 1, head_dim/2)
         self_attention = attention
         if sequence is not None:  # this rank's tokens, at their global positions
             tokens = x.shape[1]

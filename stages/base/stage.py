@@ -10,7 +10,8 @@ velocity to every rank. The leader returns the clip, the other ranks None. With 
 
 With windows on (`window.latent_frames` > 0) a clip longer than a window is denoised as overlapping
 windows whose velocities are blended at every step (flows/windows.py); each window is its own DiT
-call, with its own TeaCache.
+call, with its own TeaCache. With `window.overview` one more window sees frames spread over the whole
+clip, at their places in it as the DiT's rotary positions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from cascade.payload import Clip, Request
 from flows import flow_sigmas, get_sampler, guided_velocity
-from flows.windows import WindowConfig, window_spans, windowed_velocity
+from flows.windows import WindowConfig, overview_frames, window_spans, windowed_velocity
 from stages.base.dit import WAN_DIT_SIZES, WanDiT, WanDiTConfig
 from stages.base.teacache import TeaCache, TeaCacheConfig
 from stages.base.text_encoder import TEXT_ENCODER_SIZES, TextEncoder, TextEncoderConfig
@@ -138,7 +139,7 @@ class BaseStage:
         σ = 0, with guidance between `condition` and `uncondition` (B, text_len, text_dim). Records in
         `notes` the sampler's `steps` and the `model_calls`: DiT passes that ran the blocks (a guidance
         pair counting one, each window counting one; fewer than steps × windows with TeaCache), and
-        with windows on, the `windows` as [start, stop) latent frames."""
+        with windows on, the `windows` as [start, stop) latent frames and any `overview` frames."""
         config = self.config
         sampler = get_sampler(config.sampler)
         # float64 on the CPU: the solver steps on these σ, and the timestep rule truncates them as the
@@ -147,10 +148,14 @@ class BaseStage:
         frames = noise.shape[2]
         window = config.window
         spans = window_spans(frames, window.latent_frames, window.overlap) if window.enabled else [(0, frames)]
-        caches = [TeaCache(config.teacache, config.steps) if config.teacache.enabled else None for _ in spans]
+        overview = overview_frames(frames, window.latent_frames) if window.overview and len(spans) > 1 else []
+        positions = [None] * len(spans) + ([overview] if overview else [])  # each window's frame positions
+        caches = [TeaCache(config.teacache, config.steps) if config.teacache.enabled else None for _ in positions]
 
-        def window_dit(cache: TeaCache | None) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-            dit = functools.partial(self.dit, cache=cache)
+        def window_dit(
+            cache: TeaCache | None, frame_positions: list[int] | None,
+        ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+            dit = functools.partial(self.dit, cache=cache, frame_positions=frame_positions)
             run_dit = dit if self.parallel is None else functools.partial(self.parallel.forward, dit)
 
             def dit_velocity(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -159,8 +164,9 @@ class BaseStage:
 
             return dit_velocity
 
-        guided = [guided_velocity(window_dit(cache), condition, uncondition, config.guidance_scale) for cache in caches]
-        velocity = windowed_velocity(lambda index, x, sigma: guided[index](x, sigma), spans)
+        guided = [guided_velocity(window_dit(cache, frame_positions), condition, uncondition, config.guidance_scale)
+                  for cache, frame_positions in zip(caches, positions)]
+        velocity = windowed_velocity(lambda index, x, sigma: guided[index](x, sigma), spans, overview)
 
         def report(step: dict) -> None:
             if progress is not None:
@@ -170,5 +176,7 @@ class BaseStage:
         notes["steps"] = config.steps
         if window.enabled:
             notes["windows"] = [list(span) for span in spans]
+        if overview:
+            notes["overview"] = overview
         notes["model_calls"] = sum(config.steps if cache is None else cache.full_passes for cache in caches)
         return latents
