@@ -122,6 +122,25 @@ def test_captions_name_the_speed_for_the_share_asked():
         world.caption(clip, rng, "train", speed_named_share=1.5)
 
 
+@pytest.mark.parametrize("num_frames, expected", [(17, ["slow", "fast"]), (29, ["slow", "fast"]), (33, ["slow"]),
+                                                 (49, ["slow"]), (59, ["slow"]), (60, [])])
+def test_speeds_in_view_are_those_the_world_can_draw_in_every_direction(num_frames, expected):
+    """A speed is listed exactly when clips of it stay in view in every direction: each listed speed
+    draws clips whose rendered objects never touch the frame's edge, and an unlisted one is refused."""
+    assert world.speeds_in_view(num_frames) == expected
+    rng = np.random.default_rng(num_frames)
+    for speed in world.SPEEDS:
+        if speed not in expected:
+            with pytest.raises(ValueError, match="too long for the world"):
+                world.random_clip(rng, num_frames, speeds=[speed])
+            continue
+        for direction in world.DIRECTIONS:
+            clip = world.clip_for("red", "circle", direction, speed, rng, num_frames)
+            frames = world.render_clip(clip, num_frames, 64)
+            border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+            assert not world.object_pixels(border).any(), (speed, direction)
+
+
 def test_two_object_captions_describe_both():
     rng = np.random.default_rng(6)
     clip = world.random_clip(rng, FRAMES, two_object_share=1.0)

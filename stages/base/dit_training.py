@@ -57,7 +57,9 @@ from stages.base.vae import WAN_VAE_SIZES, WanVAE, WanVAEConfig
 from stages.pixels import to_model_range
 from stages.training import TrainingConfig, config_from_overrides, train, write_record
 from stages.weights import shipped_weights_path
-from stages.world import caption, object_pixels, speeds_in_view, world_batch, world_clips
+from stages.world import (
+    DIRECTIONS, SPEEDS, caption, frames_in_view, object_pixels, speeds_in_view, world_batch, world_clips,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +105,12 @@ class DitTrainingConfig:
         if not 0.0 <= self.overview_share <= 1.0:
             raise ValueError(f"overview_share={self.overview_share} must be in [0, 1]")
         window = 1 + (self.num_frames - 1) // 4  # latent frames of a training clip
+        longest = max(min(frames_in_view(speed, direction) for direction in DIRECTIONS) for speed in SPEEDS)
         for frames in self.long_frames:
             if frames <= self.num_frames or (frames - 1) % 4 or not speeds_in_view(frames):
                 raise ValueError(f"long_frames {self.long_frames}: each must be 4·k + 1 frames, longer than "
-                                 f"num_frames={self.num_frames} and short enough for a slow object to stay in view (≤ 59)")
+                                 f"num_frames={self.num_frames} and at most {longest}, the longest the world keeps "
+                                 f"an object of some speed in view")
             if (frames - 1) // 4 + 1 < window:
                 raise ValueError(f"long_frames {self.long_frames} must hold at least {window} latent frames")
 
