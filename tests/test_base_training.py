@@ -183,6 +183,21 @@ def test_overview_steps_train_on_long_clips_frames_at_their_places():
         assert torch.equal(with_long.noise, without.noise) and torch.equal(with_long.text, without.text)
 
 
+def test_a_long_length_listed_twice_is_drawn_twice_as_often():
+    """long_frames [33, 49, 49]: of the overview steps about two thirds are of 49 frames (latent
+    frames 0, 3, 6, 9, 12) and one third of 33 (0, 2, 4, 6, 8), the 49-frame clips encoded once."""
+    text_encoder = TextEncoder(TEXT_ENCODER_SIZES["tiny"])
+    short, masks = torch.randn(6, 16, 5, 2, 2), torch.zeros(6, 1, 5, 2, 2, dtype=torch.bool)
+    long = {frames: (torch.randn(2, 16, 1 + (frames - 1) // 4, 2, 2), torch.zeros(2, 1, 1 + (frames - 1) // 4, 2, 2, dtype=torch.bool))
+            for frames in (33, 49)}
+    config = DitTrainingConfig(clips=6, long_clips=2, long_frames=[33, 49, 49], overview_share=1.0,
+                               training=TrainingConfig(batch_size=1))
+    batches = dit_training_batches(config, short, masks, text_encoder, long)
+    positions = [tuple(batches(step).frame_positions) for step in range(90)]
+    assert set(positions) == {(0, 2, 4, 6, 8), (0, 3, 6, 9, 12)}
+    assert 45 <= positions.count((0, 3, 6, 9, 12)) <= 75  # 60 expected, the binomial's sd 4.5
+
+
 def test_latent_object_masks_cover_the_object_on_the_causal_latent_grid():
     frames = np.full((2, 9, 64, 64, 3), 128, dtype=np.uint8)  # grey: no object
     frames[0, 0, 10:14, 40:44] = (255, 0, 0)  # frame 0 -> latent frame 0, latent pixel (1, 5)

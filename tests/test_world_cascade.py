@@ -29,11 +29,13 @@ DETAIL_CLIPS = 4
 LONG_CLIPS = 6
 LONG_VIDEO = ["video.num_frames=49", "stages.base.window.latent_frames=5", "stages.base.window.overlap=2"]
 # the DiT trained on overview windows too (docs/long_video.md, "The overview window"), with the overview on
-OVERVIEW_VIDEO = [*LONG_VIDEO, "stages.base.window.overview=true", "stages.base.dit_weights=weights/base/dit_overview.safetensors"]
+# and TeaCache off, the setting of that page's headline row
+OVERVIEW_VIDEO = [*LONG_VIDEO, "stages.base.window.overview=true",
+                  "stages.base.dit_weights=weights/base/dit_overview.safetensors", "stages.base.teacache.threshold=0"]
 OVERVIEW_CLIPS = 8  # the first slow held-out prompts: a fast object cannot stay in view for 49 frames
-# docs/long_video.md measures 11 of the 21 slow prompts (52%) with the tiny config's TeaCache; the
-# shipped DiT's windows hold 0-19%, the world's own clips 100%
-OVERVIEW_REQUIRED_RATE = 0.375
+# docs/long_video.md measures 17 of the 21 slow prompts (81%) so, 6 of these 8 (67% with the tiny
+# config's TeaCache); the shipped DiT's windows hold 0-19%, the world's own clips 100%
+OVERVIEW_REQUIRED_RATE = 0.625
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +115,9 @@ overview window's test below does that, with the DiT trained for it)."""
 
 def test_long_clips_with_the_overview_window_keep_the_direction_of_slow_prompts(tiny):
     """49 frames from windows of 5 and the overview window (latent frames 0, 3, 6, 9, 12 at their
-    places in the clip), sampled by the DiT trained on overview windows: every clip keeps the
-    prompt's colour with smooth joints, and the object keeps the prompt's direction in all three
-    17-frame segments in at least OVERVIEW_REQUIRED_RATE of the first slow prompts."""
+    places in the clip), sampled by the DiT trained on overview windows without TeaCache: every
+    clip keeps the prompt's colour with smooth joints, and the object keeps the prompt's direction
+    in all three 17-frame segments in at least OVERVIEW_REQUIRED_RATE of the first slow prompts."""
     _, (_, tsr, _) = tiny
     config = load_config(None, OVERVIEW_VIDEO)
     base = BaseStage(config.stages.base)

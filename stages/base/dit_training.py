@@ -97,6 +97,8 @@ class DitTrainingConfig:
     object_weight: float = 25.0  # loss weight of the latent elements an object covers (1 elsewhere)
     overview_share: float = 0.0  # of the steps that train overview windows of long clips (0: none)
     long_clips: int = 240  # long world clips encoded for them, of each length in long_frames
+    # their lengths; an overview step draws one entry of the list, so a length listed twice is drawn
+    # twice as often (the shipped overview DiT's [33, 49, 49]: docs/long_video.md)
     long_frames: list[int] = field(default_factory=lambda: [33, 49])
 
     def __post_init__(self) -> None:
@@ -193,7 +195,7 @@ def clip_seed(config: DitTrainingConfig, num_frames: int) -> int:
 def encode_long_world(config: DitTrainingConfig, out_dir: Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{frames: (latents, object masks)} of the `long_clips` clips of each of `long_frames`."""
     return {frames: encode_world(config, out_dir, config.long_clips, frames, f"long_latents_{frames}.pt")
-            for frames in config.long_frames}
+            for frames in dict.fromkeys(config.long_frames)}
 
 
 def training_batches(config: DitTrainingConfig, latents: torch.Tensor, object_masks: torch.Tensor,
@@ -268,7 +270,8 @@ def main(argv: list[str]) -> int:
     weights = train(dit, flow_matching_loss, batches, config.training, arguments.out, WEIGHTS_NAME)
     data = f"{config.clips} procedural world clips (stages/world.py), captions in the train phrasings"
     if long:
-        data += f"; {config.long_clips} clips of each of {config.long_frames} frames for overview windows"
+        data += (f"; {config.long_clips} clips of each of {list(long)} frames for overview windows, "
+                 f"drawn as listed in {config.long_frames}")
     write_record(arguments.out, "dit", argv, data, config, dit, started, weights, arguments.init or "")
     print(f"wrote {weights}")
     return 0
