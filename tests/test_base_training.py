@@ -185,11 +185,11 @@ def test_overview_steps_train_on_long_clips_frames_at_their_places():
 
 def test_a_long_length_listed_twice_is_drawn_twice_as_often():
     """long_frames [33, 49, 49]: of the overview steps about two thirds are of 49 frames (latent
-    frames 0, 3, 6, 9, 12) and one third of 33 (0, 2, 4, 6, 8), the 49-frame clips encoded once."""
+    frames 0, 3, 6, 9, 12) and one third of 33 (0, 2, 4, 6, 8)."""
     text_encoder = TextEncoder(TEXT_ENCODER_SIZES["tiny"])
     short, masks = torch.randn(6, 16, 5, 2, 2), torch.zeros(6, 1, 5, 2, 2, dtype=torch.bool)
-    long = {frames: (torch.randn(2, 16, 1 + (frames - 1) // 4, 2, 2), torch.zeros(2, 1, 1 + (frames - 1) // 4, 2, 2, dtype=torch.bool))
-            for frames in (33, 49)}
+    long = {33: (torch.randn(2, 16, 9, 2, 2), torch.zeros(2, 1, 9, 2, 2, dtype=torch.bool)),
+            49: (torch.randn(2, 16, 13, 2, 2), torch.zeros(2, 1, 13, 2, 2, dtype=torch.bool))}
     config = DitTrainingConfig(clips=6, long_clips=2, long_frames=[33, 49, 49], overview_share=1.0,
                                training=TrainingConfig(batch_size=1))
     batches = dit_training_batches(config, short, masks, text_encoder, long)
