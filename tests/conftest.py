@@ -4,9 +4,11 @@ placement tests pin stages to its nodes by custom resources and place ranks on i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,40 @@ def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
         [sys.executable, str(ROOT / "run_cascade.py"), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
     )
+
+
+# A prompts file run once, one rank and one replica per stage, through the object store: what the
+# runs with replicas, with the direct transport and of a prompt alone must reproduce.
+REFERENCE_PROMPTS = ["a red circle moving right", "一个蓝色的方块向上移动", "a green triangle moving left",
+                     "a yellow square moving down"]
+REFERENCE_SEED = 7  # prompt k gets seed 7 + k
+
+
+def outputs_by_prompt(out: Path) -> dict[int, tuple[bytes, dict]]:
+    """{prompt index: (its video.mp4's bytes, its manifest)} of a run's folders, each of which wrote
+    its video."""
+    runs = {}
+    for folder in (path for path in out.iterdir() if path.is_dir()):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["status"] == "ok", manifest.get("error")
+        runs[manifest["prompt_index"]] = ((folder / "video.mp4").read_bytes(), manifest)
+    return runs
+
+
+@dataclass
+class ReferenceRun:
+    prompts_file: Path  # REFERENCE_PROMPTS, a line each
+    outputs: dict[int, tuple[bytes, dict]]  # outputs_by_prompt of the run
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_cluster, tmp_path_factory) -> ReferenceRun:
+    root = tmp_path_factory.mktemp("reference")
+    prompts_file = root / "prompts.txt"
+    prompts_file.write_text("\n".join(REFERENCE_PROMPTS) + "\n")
+    result = run_cli("--prompts-file", str(prompts_file), "--out", str(root / "out"), "--seed", str(REFERENCE_SEED),
+                     "--address", ray_cluster.address, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = outputs_by_prompt(root / "out")
+    assert sorted(outputs) == list(range(len(REFERENCE_PROMPTS)))
+    return ReferenceRun(prompts_file, outputs)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -16,7 +15,7 @@ from cascade.config import load_config
 from cascade.video import read_video
 from stages.ssr.stage import SsrStage
 from stages.weights import WeightsError
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, REFERENCE_PROMPTS, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 PROMPT = "一个红色的球向右滚动"
 
@@ -92,15 +91,18 @@ def test_prompts_file_writes_every_prompt(ray_cluster, tmp_path):
     assert "truncated" in truncated.pop(long_prompt) and not any(truncated.values())
 
 
-def test_same_seed_same_video(ray_cluster, tmp_path):
-    videos = []
-    for attempt in ("first", "second"):
-        result = run_cli("--prompt", "a blue square moving up", "--out", str(tmp_path / attempt), "--seed", "11",
-                         "--address", ray_cluster.address, *FAST)
-        assert result.returncode == 0, result.stderr[-3000:]
-        [folder] = run_folders(tmp_path / attempt)
-        videos.append(read_video(str(folder / "video.mp4"))[0])
-    np.testing.assert_array_equal(videos[0], videos[1])
+def test_same_prompt_and_seed_make_the_same_video(reference_run, ray_cluster, tmp_path):
+    """A prompt of the reference run's prompts file, run alone with the seed it had there (its own
+    --seed, as prompt 0), makes the same video: nothing but the prompt and the seed decides it."""
+    index = 1
+    prompt = REFERENCE_PROMPTS[index]
+    result = run_cli("--prompt", prompt, "--out", str(tmp_path), "--seed", str(REFERENCE_SEED + index),
+                     "--address", ray_cluster.address, *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [(video, manifest)] = outputs_by_prompt(tmp_path).values()
+    reference_video, reference_manifest = reference_run.outputs[index]
+    assert manifest["prompt"] == reference_manifest["prompt"] == prompt and manifest["prompt_index"] == 0
+    assert video == reference_video
 
 
 def bad_weights(tmp_path: Path) -> dict[str, Path]:

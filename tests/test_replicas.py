@@ -3,8 +3,6 @@ videos whatever the replica count, every replica used, and counts that cannot wo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +12,7 @@ from cascade.config import load_config
 from cascade.errors import UserError
 from cascade.graph import StagePool
 from cascade.groups import check_placement
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 REPLICAS = ["stages.base.replicas=2", "stages.tsr.replicas=2", "stages.ssr.replicas=2"]
 
@@ -52,32 +50,20 @@ def test_calls_go_to_the_replica_holding_fewest():
     assert calls[-1] == (2, 5)
 
 
-def outputs_by_prompt(out: Path) -> dict[int, tuple[bytes, dict]]:
-    runs = {}
-    for folder in (path for path in out.iterdir() if path.is_dir()):
-        manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest["status"] == "ok", manifest.get("error")
-        runs[manifest["prompt_index"]] = ((folder / "video.mp4").read_bytes(), manifest)
-    return runs
-
-
-def test_replicas_make_the_same_videos_and_all_work(ray_cluster, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving right\n一个蓝色的方块向上移动\na green triangle moving left\n"
-                       "a yellow square moving down\n")
-    runs = {}
-    for name, overrides in (("one each", []), ("two each", REPLICAS)):
-        result = run_cli("--prompts-file", str(prompts), "--out", str(tmp_path / name), "--seed", "7",
-                         "--address", ray_cluster.address, *FAST, *overrides)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = outputs_by_prompt(tmp_path / name)
-    assert sorted(runs["two each"]) == sorted(runs["one each"]) == [0, 1, 2, 3]
-    for index, (video, manifest) in runs["two each"].items():
-        assert video == runs["one each"][index][0], f"prompt {index}: the videos differ"  # x264 is deterministic
-        assert manifest["seed"] == 7 + index
+def test_replicas_make_the_same_videos_and_all_work(reference_run, ray_cluster, tmp_path):
+    """Two replicas of every stage against the reference run's one: the same videos, and every
+    replica of every stage takes a prompt."""
+    result = run_cli("--prompts-file", str(reference_run.prompts_file), "--out", str(tmp_path), "--seed",
+                     str(REFERENCE_SEED), "--address", ray_cluster.address, *FAST, *REPLICAS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = outputs_by_prompt(tmp_path)
+    assert sorted(outputs) == sorted(reference_run.outputs)
+    for index, (video, manifest) in outputs.items():
+        assert video == reference_run.outputs[index][0], f"prompt {index}: the videos differ"  # x264 is deterministic
+        assert manifest["seed"] == REFERENCE_SEED + index
     for stage in ("base", "tsr", "ssr"):
-        assert {manifest["stages"][stage]["replica"] for _, manifest in runs["two each"].values()} == {0, 1}
-        assert {manifest["stages"][stage]["replica"] for _, manifest in runs["one each"].values()} == {0}
+        assert {manifest["stages"][stage]["replica"] for _, manifest in outputs.values()} == {0, 1}
+        assert {manifest["stages"][stage]["replica"] for _, manifest in reference_run.outputs.values()} == {0}
 
 
 def test_replicas_below_one_are_refused(tmp_path, capsys):

@@ -3,9 +3,6 @@ Transport) tested through its gloo variant on the CPU, and the clip's two forms.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +11,7 @@ import run_cascade
 from cascade.config import hop_backend, load_config
 from cascade.payload import Clip, Request
 from cascade.previews import shrink_on_device
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 GPU_STAGES = [f"stages.{stage}.resources.num_gpus=1" for stage in ("base", "tsr", "ssr")]
 
@@ -67,28 +64,18 @@ def test_previews_shrink_frames_where_they_are():
     assert shrink_on_device(frames, 512) is frames
 
 
-def videos_and_manifests(out: Path) -> dict[int, tuple[bytes, dict]]:
-    runs = {}
-    for folder in (path for path in out.iterdir() if path.is_dir()):
-        manifest = json.loads((folder / "manifest.json").read_text())
-        runs[manifest["prompt_index"]] = ((folder / "video.mp4").read_bytes(), manifest)
-    return runs
-
-
-def test_direct_transport_over_gloo_makes_the_same_videos(ray_cluster, tmp_path):
-    """The direct path between single-rank CPU stages, with two tsr replicas in the collective group."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving right\na blue square moving up\na green triangle moving left\n")
-    runs = {}
-    for name, overrides in (("object store", []), ("direct", ["transport=direct", "stages.tsr.replicas=2"])):
-        result = run_cli("--prompts-file", str(prompts), "--out", str(tmp_path / name.replace(" ", "-")), "--seed", "3",
-                         "--address", ray_cluster.address, *FAST, *overrides)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = videos_and_manifests(tmp_path / name.replace(" ", "-"))
-    assert sorted(runs["direct"]) == [0, 1, 2]
-    for index, (video, manifest) in runs["direct"].items():
-        assert video == runs["object store"][index][0]
+def test_direct_transport_over_gloo_makes_the_same_videos(reference_run, ray_cluster, tmp_path):
+    """The direct path between single-rank CPU stages, with two tsr replicas in the collective group,
+    against the reference run through the object store."""
+    result = run_cli("--prompts-file", str(reference_run.prompts_file), "--out", str(tmp_path), "--seed",
+                     str(REFERENCE_SEED), "--address", ray_cluster.address, *FAST, "transport=direct",
+                     "stages.tsr.replicas=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = outputs_by_prompt(tmp_path)
+    assert sorted(outputs) == sorted(reference_run.outputs)
+    for index, (video, manifest) in outputs.items():
+        assert video == reference_run.outputs[index][0], f"prompt {index}: the videos differ"
         assert {stage: manifest["stages"][stage]["input_transport"] for stage in ("base", "tsr", "ssr")} == {
             "base": None, "tsr": "direct", "ssr": "direct"}
-        assert runs["object store"][index][1]["stages"]["ssr"]["input_transport"] == "object store"
-    assert {manifest["stages"]["tsr"]["replica"] for _, manifest in runs["direct"].values()} == {0, 1}
+        assert reference_run.outputs[index][1]["stages"]["ssr"]["input_transport"] == "object store"
+    assert {manifest["stages"]["tsr"]["replica"] for _, manifest in outputs.values()} == {0, 1}

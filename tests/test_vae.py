@@ -16,6 +16,7 @@ from stages.base.vae import (
     WanVAE,
     WanVAEConfig,
     blend_weights,
+    channel_norm,
     official_state_dict_from_diffusers,
     tile_spans,
 )
@@ -174,6 +175,17 @@ def test_iter_decode_yields_the_chunks_of_decode(small_pair):
     assert [chunk.shape[2] for chunk in chunks] == [1, 4, 4, 4]
     assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert torch.equal(torch.cat(chunks, dim=2), ours.decode(latents))
+
+
+@pytest.mark.parametrize("dtype, magnitude", [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float16, 300.0)])
+def test_channel_norm_is_the_float32_norm_over_channels(dtype, magnitude):
+    """The CPU's channel-by-channel sum against torch's vector_norm; float16 values of 300, whose
+    squares overflow float16, still give their norm."""
+    x = (torch.randn(2, 7, 3, 5, 6, generator=torch.Generator().manual_seed(0)) * magnitude).to(dtype)
+    reference = torch.linalg.vector_norm(x.double(), dim=1, keepdim=True)
+    norm = channel_norm(x)
+    assert norm.dtype == torch.float32 and norm.shape == (2, 1, 3, 5, 6)
+    torch.testing.assert_close(norm.double(), reference, rtol=1e-6, atol=0)
 
 
 def test_blend_weights_are_linear_ramps_summing_to_one():

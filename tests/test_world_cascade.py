@@ -10,6 +10,7 @@ seed. bench/eval_world.py runs the same checks and records the rates in docs/eva
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cascade.config import load_config
 from stages.base.stage import BaseStage
@@ -36,6 +37,16 @@ OVERVIEW_CLIPS = 8  # the first slow held-out prompts: a fast object cannot stay
 # docs/long_video.md measures 17 of the 21 slow prompts (81%) in this setting, 6 of these 8 (67% and
 # 4 of 8 with the tiny config's TeaCache); the shipped DiT's windows hold 0-19%, the world's own clips 100%
 OVERVIEW_REQUIRED_RATE = 0.625
+
+
+@pytest.fixture(scope="module", autouse=True)
+def both_cores():
+    """These tests run no Ray work beside them, so the sampling may use both cores (about 1.25x faster
+    than conftest's one thread; docs/eval_world.md and docs/long_video.md measure with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

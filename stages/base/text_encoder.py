@@ -18,6 +18,10 @@ relative-position bias; T5 shares the first layer's). `TextEncoder.from_pretrain
 
 The small configurations use `ByT5Tokenizer`, which needs no vocabulary file: it encodes any text,
 Chinese included, as its UTF-8 bytes.
+
+transformers is imported where a model or tokenizer is built, not with this module: importing it
+takes about 3 s, which the run's driver and the tsr and ssr actors (which read only the configs
+here) would otherwise pay at every start.
 """
 
 from __future__ import annotations
@@ -28,20 +32,15 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import (
-    AutoTokenizer,
-    ByT5Tokenizer,
-    PreTrainedTokenizerBase,
-    T5Config,
-    T5EncoderModel,
-    UMT5Config,
-    UMT5EncoderModel,
-)
 
 from stages.weights import WeightsError, load_into, read_state_dict
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, T5EncoderModel, UMT5EncoderModel
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +113,8 @@ def _check_config(config: TextEncoderConfig) -> None:
 
 
 def _transformers_encoder(config: TextEncoderConfig) -> T5EncoderModel | UMT5EncoderModel:
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
     config_class, model_class = {
         "t5": (T5Config, T5EncoderModel),
         "umt5": (UMT5Config, UMT5EncoderModel),
@@ -206,6 +207,8 @@ class TextEncoder(nn.Module):
                     f"text encoder tokenizer={config.tokenizer!r} is read from a checkpoint folder: "
                     "use TextEncoder.from_pretrained, or tokenizer='byte' for a random encoder"
                 )
+            from transformers import ByT5Tokenizer
+
             tokenizer = ByT5Tokenizer()
         if len(tokenizer) > config.vocab_size:
             raise ValueError(
@@ -338,6 +341,8 @@ def _sizes_from_transformers_config(path: Path) -> dict:
 def _pretrained_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     if not folder.is_dir():
         raise WeightsError(f"tokenizer folder not found: {folder} (or use the config's tokenizer='byte')")
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError) as error:

@@ -181,6 +181,21 @@ def _triple(value: int | tuple[int, int, int]) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def channel_norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖ over the channels of x (B, C, ...), as (B, 1, ...) float32: half-precision sums of
+    squares overflow. On the CPU torch's vector_norm over a middle dim is slow (13 ms against 0.3 ms
+    for (1, 16, 4, 128, 128) on 2 cores), so there the squares are summed a channel at a time into
+    one float32 buffer; on a GPU vector_norm is fast and one call."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32)
+    first = x[:, :1].float()
+    squares = first * first
+    for index in range(1, x.shape[1]):
+        channel = x[:, index : index + 1].float()
+        squares.addcmul_(channel, channel)
+    return squares.sqrt()  # not in place: autograd (VAE training) needs sqrt's output
+
+
 class RMSNorm(nn.Module):
     """x / ‖x‖ over channels, times √C · gamma. `gamma` is stored as (C, 1, 1, 1) in residual blocks
     and (C, 1, 1) in attention blocks, as in the official checkpoint; both act per channel."""
@@ -191,8 +206,7 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(gamma_shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
-        # The norm is taken in float32 (half-precision sums of squares overflow), as F.normalize does.
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+        norm = channel_norm(x).clamp_min(1e-12)  # as F.normalize does
         return (x / norm.to(x.dtype)).mul_(self.gamma.view(-1, 1, 1, 1) * self.scale)
 
 
