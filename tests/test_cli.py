@@ -15,7 +15,7 @@ from cascade.config import load_config
 from cascade.video import read_video
 from stages.ssr.stage import SsrStage
 from stages.weights import WeightsError
-from tests.conftest import FAST, REFERENCE_PROMPTS, REFERENCE_SEED, outputs_by_prompt, run_cli
+from tests.conftest import FAST, REFERENCE, REFERENCE_PROMPTS, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 PROMPT = "一个红色的球向右滚动"
 
@@ -97,7 +97,7 @@ def test_same_prompt_and_seed_make_the_same_video(reference_run, ray_cluster, tm
     index = 1
     prompt = REFERENCE_PROMPTS[index]
     result = run_cli("--prompt", prompt, "--out", str(tmp_path), "--seed", str(REFERENCE_SEED + index),
-                     "--address", ray_cluster.address, *FAST)
+                     "--address", ray_cluster.address, *REFERENCE)
     assert result.returncode == 0, result.stderr[-3000:]
     [(video, manifest)] = outputs_by_prompt(tmp_path).values()
     reference_video, reference_manifest = reference_run.outputs[index]

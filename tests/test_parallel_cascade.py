@@ -17,11 +17,10 @@ from cascade.errors import UserError
 from cascade.groups import check_placement, join_groups, start_group, stop_group
 from cascade.payload import Request
 from cascade.video import read_video
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, REFERENCE, REFERENCE_PROMPTS, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 PARALLEL = ["stages.base.parallel.ulysses=2", "stages.base.parallel.cfg=2",
             "stages.tsr.parallel.frames=2", "stages.ssr.parallel.frames=2"]
-LOSSLESS = ["output.video_quality=0"]  # x264 at QP 0: the video differs only where the frames do
 
 
 def request_for(config, seed=3) -> Request:
@@ -83,24 +82,27 @@ def test_split_ssr_stage_differs_by_rounding_at_most(ray_cluster, one_rank_outpu
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
-def test_parallel_cascade_makes_the_one_rank_video(ray_cluster, tmp_path):
-    videos, manifests = {}, {}
-    for name, overrides in (("one rank", []), ("parallel", PARALLEL)):
-        out = tmp_path / name.replace(" ", "-")
-        result = run_cli("--out", str(out), "--seed", "4", "--address", ray_cluster.address, *FAST, *LOSSLESS, *overrides)
-        assert result.returncode == 0, result.stderr[-3000:]
-        [folder] = [path for path in out.iterdir() if path.is_dir()]
-        videos[name] = read_video(str(folder / "video.mp4"))[0].astype(int)
-        manifests[name] = json.loads((folder / "manifest.json").read_text())
+def test_parallel_cascade_makes_the_one_rank_video(reference_run, ray_cluster, tmp_path):
+    """Every stage split (PARALLEL) against the reference run's one rank per stage, on its first prompt."""
+    index = 0
+    result = run_cli("--prompt", REFERENCE_PROMPTS[index], "--out", str(tmp_path / "out"), "--seed",
+                     str(REFERENCE_SEED + index), "--address", ray_cluster.address, *REFERENCE, *PARALLEL)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [(video, manifest)] = outputs_by_prompt(tmp_path / "out").values()
+    reference_video, reference_manifest = reference_run.outputs[index]
+    videos = {}
+    for name, data in (("parallel", video), ("one rank", reference_video)):
+        (tmp_path / f"{name}.mp4").write_bytes(data)
+        videos[name] = read_video(str(tmp_path / f"{name}.mp4"))[0].astype(int)
     assert videos["parallel"].shape == videos["one rank"].shape
     difference = np.abs(videos["parallel"] - videos["one rank"])
     assert difference.max() <= 4 and (difference > 0).mean() < 0.01, (difference.max(), (difference > 0).mean())
     for stage, count in (("base", 4), ("tsr", 2), ("ssr", 2)):
-        ranks = manifests["parallel"]["stages"][stage]["ranks"]
+        ranks = manifest["stages"][stage]["ranks"]
         assert [rank["rank"] for rank in ranks] == list(range(count))
         assert all(rank["device"].startswith("cpu") for rank in ranks)
         assert len({rank["node"] for rank in ranks}) == 1  # STRICT_PACK: the group on one node
-        assert len(manifests["one rank"]["stages"][stage]["ranks"]) == 1
+        assert len(reference_manifest["stages"][stage]["ranks"]) == 1
 
 
 @pytest.mark.parametrize(

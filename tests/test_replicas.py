@@ -12,7 +12,7 @@ from cascade.config import load_config
 from cascade.errors import UserError
 from cascade.graph import StagePool
 from cascade.groups import check_placement
-from tests.conftest import FAST, REFERENCE_SEED, outputs_by_prompt, run_cli
+from tests.conftest import FAST, REFERENCE, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 REPLICAS = ["stages.base.replicas=2", "stages.tsr.replicas=2", "stages.ssr.replicas=2"]
 
@@ -54,7 +54,7 @@ def test_replicas_make_the_same_videos_and_all_work(reference_run, ray_cluster, 
     """Two replicas of every stage against the reference run's one: the same videos, and every
     replica of every stage takes a prompt."""
     result = run_cli("--prompts-file", str(reference_run.prompts_file), "--out", str(tmp_path), "--seed",
-                     str(REFERENCE_SEED), "--address", ray_cluster.address, *FAST, *REPLICAS)
+                     str(REFERENCE_SEED), "--address", ray_cluster.address, *REFERENCE, *REPLICAS)
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = outputs_by_prompt(tmp_path)
     assert sorted(outputs) == sorted(reference_run.outputs)

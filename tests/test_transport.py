@@ -11,7 +11,7 @@ import run_cascade
 from cascade.config import hop_backend, load_config
 from cascade.payload import Clip, Request
 from cascade.previews import shrink_on_device
-from tests.conftest import FAST, REFERENCE_SEED, outputs_by_prompt, run_cli
+from tests.conftest import REFERENCE, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 GPU_STAGES = [f"stages.{stage}.resources.num_gpus=1" for stage in ("base", "tsr", "ssr")]
 
@@ -68,7 +68,7 @@ def test_direct_transport_over_gloo_makes_the_same_videos(reference_run, ray_clu
     """The direct path between single-rank CPU stages, with two tsr replicas in the collective group,
     against the reference run through the object store."""
     result = run_cli("--prompts-file", str(reference_run.prompts_file), "--out", str(tmp_path), "--seed",
-                     str(REFERENCE_SEED), "--address", ray_cluster.address, *FAST, "transport=direct",
+                     str(REFERENCE_SEED), "--address", ray_cluster.address, *REFERENCE, "transport=direct",
                      "stages.tsr.replicas=2")
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = outputs_by_prompt(tmp_path)
