@@ -127,6 +127,7 @@ class StageWorker(GroupMember):
         self.device = _device_for(section.resources.num_gpus)
         self.progress_board = progress_board  # a `cascade.progress.ProgressBoard` actor, or None
         self.hop = f"{name}->{next_stage or 'driver'}"  # where this stage's output goes, for the metrics
+        self.last: StageReport | Exception | None = None  # what the latest `run_direct` call left
 
     def __repr__(self) -> str:
         """How Ray's log lines and the dashboard name this actor: `cascade-base-0`, `cascade-base-0-rank1`."""
@@ -188,10 +189,15 @@ class StageWorker(GroupMember):
         return output
 
     def last_report(self) -> StageReport:
-        """The report of the latest `run_direct` call, or its error."""
-        if isinstance(self.last, Exception):
-            raise self.last
-        return self.last
+        """The report of the latest `run_direct` call, or its error. Each call's report is taken once:
+        a call whose body never ran (Ray failed it before, e.g. its input did not arrive) leaves none."""
+        last, self.last = self.last, None
+        if last is None:
+            raise RuntimeError(f"{self!r}: no direct call ran before this report: the call failed before it "
+                               "started (its input did not arrive?); its own error is on its task")
+        if isinstance(last, Exception):
+            raise last
+        return last
 
     def compute(self, clip: Optional[Clip], request: Request) -> tuple[Optional[Clip], Any]:
         """Runs the stage (with the peers, on a leader): (its output, its report) on the leader,
