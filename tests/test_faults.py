@@ -23,9 +23,9 @@ from tests.conftest import FAST, ROOT
 
 PROMPTS = ["a red circle moving right", "a blue square moving up", "a green triangle moving left",
            "a yellow circle moving down", "a purple square moving right", "a orange triangle moving up"]
-SLOWER = ["stages.base.steps=12"]
+SLOWER = ["stages.base.steps=12"]  # long enough that prompts are still running when the kill comes
 # a removed node is declared dead after 3 missed health checks 0.5 s apart (Ray's default: 5 missed, 3 s apart)
-QUICK_NODE_DEATH = {"_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}}  # long enough that prompts are still running when the kill comes
+QUICK_NODE_DEATH = {"_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 3}}
 
 
 def start_run(out: Path, prompts_file: Path, address: str, *extra: str) -> subprocess.Popen:
@@ -296,7 +296,8 @@ def test_lost_node_stage_comes_back_on_another(fault_free, tmp_path):
     with every video, equal to the fault-free run's."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
     try:
         nodes = [cluster.add_node(num_cpus=1, resources={"spare": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
@@ -325,7 +326,8 @@ def test_lost_node_with_no_other_stops_clearly_and_resume_finishes(fault_free, t
     `interrupted`; once a node offering `spare` joins, --resume writes every video."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
     try:
         node = cluster.add_node(num_cpus=1, resources={"spare": 1})
         cluster.wait_for_nodes()
