@@ -127,7 +127,7 @@ class StageWorker(GroupMember):
         self.device = _device_for(section.resources.num_gpus)
         self.progress_board = progress_board  # a `cascade.progress.ProgressBoard` actor, or None
         self.hop = f"{name}->{next_stage or 'driver'}"  # where this stage's output goes, for the metrics
-        self.last: StageReport | Exception | None = None  # what the latest `run_direct` call left
+        self.direct_reports: dict[int, StageReport] = {}  # prompt index -> report of its `run_direct` call
 
     def __repr__(self) -> str:
         """How Ray's log lines and the dashboard name this actor: `cascade-base-0`, `cascade-base-0-rank1`."""
@@ -178,26 +178,23 @@ class StageWorker(GroupMember):
     def run_direct(self, clip: Optional[Clip], request: Request) -> Clip:
         """The leader's call when its output goes by Ray Direct Transport (called with
         `.options(tensor_transport=…)`): the stage's clip, a tensor on this rank's device, which Ray
-        sends straight to the next stage. Such a call has one return, so the report waits here for
-        `last_report`, the call the driver makes right after."""
-        try:
-            output, self.last = self.compute(clip, request)
-        except Exception as error:
-            self.last = error
-            raise
-        self.record(self.last, output.data.nbytes, "direct")
+        sends straight to the next stage. Such a call has one return, so its report waits here for
+        `direct_report`."""
+        output, report = self.compute(clip, request)
+        self.direct_reports[request.index] = report
+        self.record(report, output.data.nbytes, "direct")
         return output
 
-    def last_report(self) -> StageReport:
-        """The report of the latest `run_direct` call, or its error. Each call's report is taken once:
-        a call whose body never ran (Ray failed it before, e.g. its input did not arrive) leaves none."""
-        last, self.last = self.last, None
-        if last is None:
-            raise RuntimeError(f"{self!r}: no direct call ran before this report: the call failed before it "
-                               "started (its input did not arrive?); its own error is on its task")
-        if isinstance(last, Exception):
-            raise last
-        return last
+    def direct_report(self, output: Clip, prompt_index: int) -> StageReport:
+        """The report of the `run_direct` call that made `output`. The driver passes that call's
+        output ref, so Ray runs this call only once that call has ended (whatever order the two calls
+        reach the actor in, retries included) and, if it failed, fails this one with its error. The
+        clip comes from this actor's own store: nothing is copied."""
+        report = self.direct_reports.pop(prompt_index, None)
+        if report is None:
+            raise RuntimeError(f"{self!r} holds no report of prompt {prompt_index}'s direct call (was the actor "
+                               "restarted since it made the output, or was the report taken already?)")
+        return report
 
     def compute(self, clip: Optional[Clip], request: Request) -> tuple[Optional[Clip], Any]:
         """Runs the stage (with the peers, on a leader): (its output, its report) on the leader,

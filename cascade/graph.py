@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -71,9 +72,9 @@ class StagePool:
         task = f"{self.name} prompt {request.index}"  # the name the dashboard's Tasks and Timeline show
         if self.direct is None:
             output, report = leader.run.options(name=task).remote(clip, request)
-        else:  # a direct call has one return: the report follows in the next call
+        else:  # a direct call has one return: the report comes from a second call that takes its output
             output = leader.run_direct.options(tensor_transport=self.direct, name=task).remote(clip, request)
-            report = leader.last_report.options(name=f"{task} report").remote()
+            report = leader.direct_report.options(name=f"{task} report").remote(output, request.index)
         return replica, output, report
 
     def finished(self, replica: int) -> None:
@@ -129,6 +130,12 @@ def connect_direct_hops(pools: dict[str, StagePool]) -> None:
     """One Ray collective group per direct backend, of the leaders of every stage at either end of a
     hop that uses it (an actor joins at most one group per backend)."""
     from ray.experimental.collective import create_collective_group
+
+    # Each direct output goes back to the actor that made it, for its report (`StagePool.submit`), and
+    # on to the next stage; Ray warns of that, for each output, in case one end changed the tensor
+    # the other reads. `StageWorker.direct_report` only reads it.
+    warnings.filterwarnings("ignore", message=r"RDT ObjectRef.*is being passed back to the actor that created it",
+                            category=UserWarning)
 
     for backend in {pool.direct for pool in pools.values()} - {None}:
         members: list[StagePool] = []  # the stages at either end of a hop over `backend`, in graph order
@@ -250,7 +257,7 @@ def run_pipelined(
         pools[STAGE_NAMES[stage]].finished(replica)
         result = results[request.index]
         try:
-            report = ray.get(ready)  # the call's two returns are ready together
+            report = ray.get(ready)  # a report is ready only once its call's output is
         except ray.exceptions.ActorUnavailableError as error:
             since = unreachable_since or time.monotonic()
             if time.monotonic() - since < patience_s:

@@ -3,15 +3,20 @@ Transport) tested through its gloo variant on the CPU, and the clip's two forms.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import run_cascade
+from cascade.actors import StageWorker
 from cascade.config import hop_backend, load_config
+from cascade.graph import StagePool, load_pools, stop_pools
+from cascade.groups import start_group
 from cascade.payload import Clip, Request
 from cascade.previews import shrink_on_device
-from tests.conftest import REFERENCE, REFERENCE_SEED, outputs_by_prompt, run_cli
+from tests.conftest import FAST, REFERENCE, REFERENCE_SEED, outputs_by_prompt, run_cli
 
 GPU_STAGES = [f"stages.{stage}.resources.num_gpus=1" for stage in ("base", "tsr", "ssr")]
 
@@ -79,3 +84,60 @@ def test_direct_transport_over_gloo_makes_the_same_videos(reference_run, ray_clu
             "base": None, "tsr": "direct", "ssr": "direct"}
         assert reference_run.outputs[index][1]["stages"]["ssr"]["input_transport"] == "object store"
     assert {manifest["stages"]["tsr"]["replica"] for _, manifest in outputs.values()} == {0, 1}
+
+
+class AddsThePromptIndex:
+    """Stands in for a stage's models: its clip is its input (zeros for the first stage) plus the
+    prompt's index; the first stage cannot make prompt 1."""
+
+    warnings = ()
+
+    def __call__(self, clip, request: Request, progress=None) -> Clip:
+        if clip is None and request.index == 1:
+            raise ValueError("the first stage cannot make prompt 1")
+        data = torch.zeros(1, 16, 2, 4, 4) if clip is None else clip.data  # (B, C, T, H, W)
+        return Clip(data + request.index, "latent", 16.0, request)
+
+
+class ScriptedWorker(StageWorker):
+    """The real actor shell (its direct calls and their reports) around the stand-in stage."""
+
+    def load(self) -> dict:
+        if self.stage is None:
+            self.stage = AddsThePromptIndex()
+        return super().load()
+
+
+def test_a_direct_calls_report_waits_for_it_and_fails_with_its_error(ray_cluster):
+    """Three stages with direct hops between them, every call submitted at once, before any input
+    exists. A report ends only after its call, and a call whose input failed reports the failure
+    where it began (a call whose input never arrived once reported only that its report was missing)."""
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    config = load_config(None, FAST + ["transport=direct"])
+    section = config.stages.base
+    pools = {name: StagePool(name, [start_group(ScriptedWorker, section.resources, section.parallel, name, section,
+                                                config.output, direct_transport=True)], direct=direct)
+             for name, direct in (("base", "gloo"), ("tsr", "gloo"), ("ssr", None))}
+    try:
+        load_pools(pools)
+        requests = [Request("p", "", 0, 64, 64, 9, 16.0, index) for index in range(3)]
+        calls = {index: [] for index in range(3)}  # prompt -> (output ref, report ref) of each stage
+        for request in requests:
+            clip = None
+            for pool in pools.values():
+                _, clip, report = pool.submit(clip, request)
+                calls[request.index].append((clip, report))
+        for index in (0, 2):
+            reports = [ray.get(report) for _, report in calls[index]]
+            assert [(report.prompt_index, report.input_transport) for report in reports] == [
+                (index, None), (index, "direct"), (index, "direct")]
+            final = ray.get(calls[index][-1][0])
+            assert isinstance(final.data, np.ndarray) and (final.data == 3 * index).all()
+        for _, report in calls[1]:
+            with pytest.raises(ray.exceptions.RayTaskError, match="the first stage cannot make prompt 1"):
+                ray.get(report)
+    finally:
+        stop_pools(pools)
