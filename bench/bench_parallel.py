@@ -70,9 +70,13 @@ def video_tokens(config: WanDiTConfig, height: int, width: int, frames: int) -> 
 # 1. The formulas
 
 
-def activation_bytes(config: WanDiTConfig, tokens: int, batch: int, layout: Layout, element: int) -> dict[str, float]:
+def activation_bytes(config: WanDiTConfig, tokens: int, batch: int, layout: Layout, element: int,
+                     fused_feed_forward: bool = False) -> dict[str, float]:
     """Peak bytes of tensors a rank allocates during one DiT forward, per phase, for weights of
-    `element` bytes (2: bf16, 4: float32) and the float32 residual stream.
+    `element` bytes (2: bf16, 4: float32) and the float32 residual stream. `fused_feed_forward`:
+    the feed-forward's first linear map and its GELU are one kernel (`linear_then_gelu`: float32
+    inference on the CPU), so its hidden layer is held once (beside the second linear map's output),
+    not before and after the GELU.
 
     Counted from the code (stages/base/dit.py, stages/parallel.py), in
       u = one float32 (B, S, dim) tensor, c = the same in the weights' dtype,
@@ -80,7 +84,8 @@ def activation_bytes(config: WanDiTConfig, tokens: int, batch: int, layout: Layo
     with B the batch a rank computes (halved by cfg 2) and S = ⌈L / (ulysses·ring)⌉ its tokens.
     Alive through a block: its input x (u) and the embedded text (t); from the modulated norm on,
     h (u) and, for bf16 weights, its two casts for the projections (2c). Casts (.to, .float) copy
-    only for bf16 weights."""
+    only for bf16 weights. Without TeaCache, as here: with it, the cache keeps the first block's
+    input through the blocks, one u more in every phase inside them."""
     batch = batch // layout.cfg
     shard = math.ceil(tokens / layout.sequence)
     u, c = batch * shard * config.dim * 4, batch * shard * config.dim * element
@@ -107,7 +112,9 @@ def activation_bytes(config: WanDiTConfig, tokens: int, batch: int, layout: Layo
             c + norm(t, text_float),  # normalising k while q is held
             c + 2 * t + 2 * c,  # q, k, v; the output and its copy
         ),
-        "feed-forward": u + t + u + u + c * cast + 2 * w,  # x in, text, x, h, its cast, hidden before and after GELU
+        # x in, text, x, h, its cast; the hidden layer before and after the GELU, or where they are
+        # one kernel, the hidden layer and the second linear map's output
+        "feed-forward": u + t + u + u + c * cast + (w + c if fused_feed_forward else 2 * w),
     }
     if layout.ulysses > 1:
         # q, k, v held; the last all-to-all: the two done, its send and receive buffers (the copy
@@ -304,7 +311,8 @@ def measured_table(element: int) -> None:
     for name, config in REDUCED.items():
         tokens = math.prod(REDUCED_LATENTS[1:]) // 4
         for layout, measured in on_ranks(config, element, REDUCED_LAYOUTS[name], "measure", REDUCED_LATENTS, 2).items():
-            formula = max(activation_bytes(config, tokens, 2, layout, element).values())
+            # these ranks run on the CPU without autograd, where float32 fuses the feed-forward's first half
+            formula = max(activation_bytes(config, tokens, 2, layout, element, fused_feed_forward=element == 4).values())
             sent = communication_bytes(config, tokens, 2, layout, element)
             low, high = min(measured["peaks"]), max(measured["peaks"])
             print(f"| {name} | {'bf16' if element == 2 else 'float32'} | {layout} | {formula / MiB:.2f} | "

@@ -45,6 +45,7 @@ from stages.world_checks import base_frames, check_base_clip, check_long_clip, r
 SEED = 1234  # + the prompt's index, as bench/eval_world.py and the tests
 DOC_PATH = REPOSITORY_ROOT / "docs" / "long_video.md"
 BEGIN, END = "<!-- eval_long_video: begin -->", "<!-- eval_long_video: end -->"
+OVERVIEW = ["stages.base.dit_weights=weights/base/dit_overview.safetensors", "stages.base.window.overview=true"]
 VARIANTS = {  # name -> overrides
     "one clip of 13 latent frames (no windows)": [],
     "windows of 5, overlap 1": ["stages.base.window.latent_frames=5", "stages.base.window.overlap=1"],
@@ -55,6 +56,13 @@ VARIANTS = {  # name -> overrides
     ],
     "windows of 5, overlap 4 (a window every latent frame), no TeaCache": [
         "stages.base.window.latent_frames=5", "stages.base.window.overlap=4", "stages.base.teacache.threshold=0",
+    ],
+    # the DiT trained on overview windows too, with the overview window on (the page's section on it)
+    "overview DiT: windows of 5, overlap 2, and the overview": [
+        "stages.base.window.latent_frames=5", "stages.base.window.overlap=2", *OVERVIEW,
+    ],
+    "overview DiT: windows of 5, overlap 2, and the overview, no TeaCache": [
+        "stages.base.window.latent_frames=5", "stages.base.window.overlap=2", *OVERVIEW, "stages.base.teacache.threshold=0",
     ],
 }
 COMPARISON_WINDOW = (5, 2)  # whose joints a clip without windows is read at

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 
 import numpy as np
@@ -16,11 +17,13 @@ from safetensors.torch import save_file
 
 from stages.base.dit import (
     WAN_DIT_SIZES,
+    RMSNorm,
     WanDiT,
     WanDiTConfig,
     official_state_dict_from_diffusers,
     read_config,
     rope_rotations,
+    linear_then_gelu,
     timestep_embedding,
 )
 from stages.weights import WeightsError
@@ -260,6 +263,31 @@ def test_timestep_embedding_matches_closed_form():
     expected = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
     ours = timestep_embedding(torch.tensor(timestep, dtype=torch.float32), 2 * half).numpy()
     assert np.abs(ours - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("grad", [False, True])  # oneDNN's fused kernel without autograd; torch's ops with it
+def test_linear_then_gelu_is_the_tanh_gelu_of_the_linear_map(grad):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 7, 24) * 3
+    with torch.set_grad_enabled(grad):
+        ours = linear_then_gelu(x, linear)
+    assert ours.requires_grad == grad
+    z = x.double() @ linear.weight.double().T + linear.bias.double()
+    expected = 0.5 * z * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+    assert (ours.double() - expected).abs().max() < 1e-5
+
+
+def test_rms_norm_matches_closed_form_and_trains():
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-6)
+    norm.weight.data.uniform_(0.5, 2.0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 1e3], dtype=torch.float64)[:, None, None]
+    expected = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    ours = norm(x.float().requires_grad_())
+    assert ((ours.double() - expected).abs() / expected.abs().amax(-1, keepdim=True)).max() < 1e-6
+    ours.sum().backward()
+    assert norm.weight.grad is not None and torch.isfinite(norm.weight.grad).all()
 
 
 # ------------------------------------------------------------------------------------------------

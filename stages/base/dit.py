@@ -130,6 +130,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
+def linear_then_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """GELU (tanh approximation) of `linear(x)`, the first half of the feed-forward network. On the
+    CPU, outside autograd and torch.compile, it is oneDNN's fused kernel, the one torch.compile's CPU
+    backend emits for this pair: torch's eager tanh-GELU takes about 5 times as long as its tanh
+    there, and the fused kernel also saves a pass over the (B, L, ffn_dim) activations."""
+    fused = (not torch.compiler.is_compiling() and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+             and x.dtype == linear.weight.dtype == torch.float32
+             and not (torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad)))
+    if fused:
+        return torch.ops.mkldnn._linear_pointwise(x, linear.weight, linear.bias, "gelu", [], "tanh")
+    return F.gelu(linear(x), approximate="tanh")
+
+
 # --------------------------------------------------------------------------------------------------
 # Position and time encodings
 
@@ -244,6 +257,8 @@ class WanBlock(nn.Module):
         self.norm3 = Float32LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
         self.cross_attn = WanAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm2 = Float32LayerNorm(dim, eps, elementwise_affine=False)
+        # linear, GELU, linear: a Sequential for the official names (ffn.0, ffn.2); the forward runs the
+        # first two as one (`linear_then_gelu`)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
@@ -259,7 +274,8 @@ class WanBlock(nn.Module):
         x = torch.addcmul(x, self.self_attn(h, h, rope, self_attention), gate_attn)
         x = x + self.cross_attn(self.norm3(x), text)
         h = torch.addcmul(shift_ffn, self.norm2(x), 1 + scale_ffn)
-        return torch.addcmul(x, self.ffn(h.to(self.ffn[0].weight.dtype)), gate_ffn)
+        # the hidden layer (B, L, ffn_dim) is a temporary: freed before the residual sum
+        return torch.addcmul(x, self.ffn[2](linear_then_gelu(h.to(self.ffn[0].weight.dtype), self.ffn[0])), gate_ffn)
 
 
 class WanHead(nn.Module):
@@ -385,7 +401,14 @@ class WanDiT(nn.Module):
                 x = block(x, time_modulation, context, rope, self_attention)
             return x
 
-        x = run_blocks(x) if cache is None else cache(x, time_modulation, run_blocks)
+        if cache is None:
+            # Handed to the blocks, not kept here: each block's input is freed while the next one runs, one
+            # (B, L, dim) float32 tensor less at the peak. TeaCache keeps it (its residual is out − in).
+            handed_over = [x]
+            del x
+            x = run_blocks(handed_over.pop())
+        else:
+            x = cache(x, time_modulation, run_blocks)
         x = self.head(x, time_embedding)  # (B, L, out_dim·patch_t·patch_h·patch_w)
         if sequence is not None:
             x = sequence.gather(x, tokens, dim=1)
