@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -47,6 +49,24 @@ def ray_cluster():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@contextmanager
+def cluster_beside_session(**head_node_args) -> Iterator:
+    """A `ray.cluster_utils.Cluster` of its own (a head with `head_node_args`) beside the session's.
+    Starting a head points this process's internal KV at it, and its shutdown clears it; after it
+    the KV is the session connection's again (Ray's collective groups rendezvous there)."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.experimental import internal_kv
+
+    cluster = Cluster(initialize_head=True, head_node_args={"include_dashboard": False, **head_node_args})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+        if ray.is_initialized():
+            internal_kv._initialize_internal_kv(ray._private.worker.global_worker.gcs_client)
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ import pytest
 
 from cascade.errors import UserError
 from cascade.video import read_video
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, cluster_beside_session
 
 PROMPTS = ["a red circle moving right", "a blue square moving up", "a green triangle moving left",
            "a yellow circle moving down", "a purple square moving right", "a orange triangle moving up"]
@@ -294,11 +294,7 @@ def test_lost_node_stage_comes_back_on_another(fault_free, tmp_path):
     """A cluster of a head and two nodes that offer `spare`; tsr asks for it, so it runs on one of
     them. That node is removed after the first video: tsr restarts on the other and the run ends
     with every video, equal to the fault-free run's."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
-    try:
+    with cluster_beside_session(num_cpus=3, **QUICK_NODE_DEATH) as cluster:
         nodes = [cluster.add_node(num_cpus=1, resources={"spare": 1}) for _ in range(2)]
         cluster.wait_for_nodes()
         lost = []
@@ -316,19 +312,13 @@ def test_lost_node_stage_comes_back_on_another(fault_free, tmp_path):
         moved = [json.loads((folder / "manifest.json").read_text())["stages"]["tsr"]["ranks"][0]["node"]
                  for folder in out.iterdir() if folder.is_dir()]
         assert any(lost[0].node_id not in node for node in moved)  # later prompts ran on the other node
-    finally:
-        cluster.shutdown()
 
 
 def test_lost_node_with_no_other_stops_clearly_and_resume_finishes(fault_free, tmp_path):
     """The only node that offers `spare` (tsr's) is removed after the first video: the run waits
     `patience_s` for another, stops with exit code 1 and one line, the begun prompts' manifests say
     `interrupted`; once a node offering `spare` joins, --resume writes every video."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 3, "include_dashboard": False, **QUICK_NODE_DEATH})
-    try:
+    with cluster_beside_session(num_cpus=3, **QUICK_NODE_DEATH) as cluster:
         node = cluster.add_node(num_cpus=1, resources={"spare": 1})
         cluster.wait_for_nodes()
         extra = ["stages.tsr.resources.custom={spare: 1}", "stages.tsr.resources.num_cpus=0", "patience_s=6"]
@@ -347,5 +337,3 @@ def test_lost_node_with_no_other_stops_clearly_and_resume_finishes(fault_free, t
         _, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
         check_every_video(out, fault_free, stderr)
-    finally:
-        cluster.shutdown()
