@@ -20,10 +20,10 @@ from stages.base.dit import (
     RMSNorm,
     WanDiT,
     WanDiTConfig,
+    linear_then_gelu,
     official_state_dict_from_diffusers,
     read_config,
     rope_rotations,
-    linear_then_gelu,
     timestep_embedding,
 )
 from stages.weights import WeightsError
