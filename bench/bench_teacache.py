@@ -9,7 +9,8 @@ every first seed given. Each clip runs through the base stage of `configs/tiny.y
 is decoded by the tsr stage's VAE and read back by `stages.world_checks.check_base_clip` (colour
 and direction both right: "obeyed"). Time is the base stage's call alone (text encoding and
 sampling, no decode), the median over clips, measured in this process with `--threads` torch
-threads. PSNR compares the decoded uint8 frames of the cached and the uncached clip of the same
+threads. Each clip runs at every threshold in turn before the next clip, so a change in the
+machine's load falls on every row alike. PSNR compares the decoded uint8 frames of the cached and the uncached clip of the same
 prompt and seed, averaged over clips (frames that are equal count as 100 dB).
 """
 
@@ -67,25 +68,31 @@ def main() -> int:
         raise SystemExit("; ".join(base.warnings + tsr.warnings))
     cases = held_out_prompts(arguments.prompts)
     thresholds = sorted(set(arguments.thresholds) | {0.0})
-    uncached: dict[tuple[int, int], np.ndarray] = {}
+    configs = {threshold: dataclasses.replace(config.stages.base, teacache=dataclasses.replace(
+        config.stages.base.teacache, threshold=threshold)) for threshold in thresholds}
+    seconds = {threshold: [] for threshold in thresholds}
+    calls = {threshold: [] for threshold in thresholds}
+    scores = {threshold: [] for threshold in thresholds if threshold > 0}
+    obeyed = {(threshold, seed): [] for threshold in thresholds for seed in arguments.seeds}
+    for seed in arguments.seeds:
+        for index, case in enumerate(cases):
+            request = request_in_config(case, seed + index, config)
+            for threshold in thresholds:  # 0 first: the uncached clip the others are compared with
+                base.config = configs[threshold]
+                latents, frames = base_frames(timed(base, seconds[threshold]), tsr, request)
+                calls[threshold].append(latents.notes["model_calls"])
+                obeyed[threshold, seed].append(check_base_clip(frames, case).passed)
+                if threshold == 0:
+                    uncached = frames
+                else:
+                    scores[threshold].append(min(psnr(frames, uncached), 100.0))
+        print(f"seed set {seed} done", flush=True)
     rows = []
     for threshold in thresholds:
-        base.config = dataclasses.replace(
-            config.stages.base, teacache=dataclasses.replace(config.stages.base.teacache, threshold=threshold))
-        seconds, calls, scores, obeyed = [], [], [], {seed: [] for seed in arguments.seeds}
-        for seed in arguments.seeds:
-            for index, case in enumerate(cases):
-                latents, frames = base_frames(timed(base, seconds), tsr, request_in_config(case, seed + index, config))
-                calls.append(latents.notes["model_calls"])
-                obeyed[seed].append(check_base_clip(frames, case).passed)
-                if threshold == 0:
-                    uncached[seed, index] = frames
-                else:
-                    scores.append(min(psnr(frames, uncached[seed, index]), 100.0))
-        pooled = [flag for flags in obeyed.values() for flag in flags]
-        rows.append((threshold, np.mean(calls), statistics.median(seconds), np.mean(scores) if scores else None,
-                     np.mean(obeyed[arguments.seeds[0]]), np.mean(pooled)))
-        print(f"threshold {threshold}: {rows[-1]}", flush=True)
+        pooled = [flag for seed in arguments.seeds for flag in obeyed[threshold, seed]]
+        rows.append((threshold, np.mean(calls[threshold]), statistics.median(seconds[threshold]),
+                     np.mean(scores[threshold]) if threshold > 0 else None,
+                     np.mean(obeyed[threshold, arguments.seeds[0]]), np.mean(pooled)))
     base_config = config.stages.base
     print(f"\n{len(cases)} held-out prompts x seed sets {arguments.seeds}; {base_config.steps} {base_config.sampler} "
           f"steps, guidance {base_config.guidance_scale}, shift {base_config.shift}; coefficients "
