@@ -301,7 +301,7 @@ def run(args: argparse.Namespace, status: StatusLineHandler) -> int:
                 status.show(status_line(ray.get(board.take.remote())))
 
         results = run_pipelined(pools, to_run, config.output.max_prompts_in_flight, on_report, on_done, on_idle, starts,
-                                config.patience_s)
+                                config.patience_s, config.retries)
         status.show("")
     except (Interrupted, StageLost) as stop:
         status.show("")

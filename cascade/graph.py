@@ -15,11 +15,15 @@ the cascade, and with them the memory their clips hold.
 A hop goes through Ray's object store as numpy, or, between GPU stages (`transport`, see
 `cascade.config.hop_backend`), by Ray Direct Transport: the producing leaders' outputs are torch
 tensors that Ray sends to the consuming leader over a collective group (NCCL; gloo on CPUs) that
-every leader at either end of such hops joins.
+every leader at either end of such hops joins. Such a group does not outlive one of its processes:
+a restarted actor is in no group, and when a transfer fails Ray kills both its ends and destroys
+the group. `run_pipelined` then forms the groups again (`restore_direct_hops`) and runs the prompts
+it lost again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -30,7 +34,7 @@ import ray
 
 from cascade.actors import STAGE_NAMES, EncodedVideo, StageReport, StageWorker
 from cascade.config import CascadeConfig, hop_backend
-from cascade.groups import StageGroup, join_groups, start_group, stop_group
+from cascade.groups import CONTROL_CALLS, StageGroup, join_groups, start_group, stop_group
 from cascade.metrics import record_load, record_prompt_end
 from cascade.payload import Request
 from cascade.signals import check_stop
@@ -57,6 +61,8 @@ class StagePool:
     outstanding: list[int] = field(default_factory=list)  # calls submitted and not yet finished
     taken: list[int] = field(default_factory=list)  # calls submitted in all
     communicators: list = field(default_factory=list)  # the collective groups its leaders joined
+    start_replica: Optional[Callable[[int], StageGroup]] = None  # starts a new group for replica i (`create_pools`)
+    leader_pids: list[int] = field(default_factory=list)  # each replica's leader's process when it joined them
 
     def __post_init__(self) -> None:
         self.outstanding = [0] * len(self.replicas)
@@ -82,24 +88,28 @@ class StagePool:
         record_load(self.name, self.outstanding)
 
 
+def start_replica(config: CascadeConfig, name: str, direct_transport: bool, progress_board, replica: int) -> StageGroup:
+    """Replica `replica` of stage `name`: `parallel.world_size` actors, each asking for the section's
+    resources (custom resources pin stages to nodes of a cluster) and named `cascade-<stage>-<replica>`
+    (`-rank<r>` after the leader's name for the others). The leader sends its progress to
+    `progress_board` (a `cascade.progress.ProgressBoard` actor) if given."""
+    section = getattr(config.stages, name)
+    index = STAGE_NAMES.index(name)
+    return start_group(StageWorker, section.resources, section.parallel, name, section, config.output,
+                       group_name=f"cascade-{name}-{replica}", direct_transport=direct_transport, retries=config.retries,
+                       encode_output=(name == STAGE_NAMES[-1]), replica=replica, progress_board=progress_board,
+                       next_stage=STAGE_NAMES[index + 1] if index + 1 < len(STAGE_NAMES) else None)
+
+
 def create_pools(config: CascadeConfig, progress_board=None) -> dict[str, StagePool]:
-    """Each stage's `replicas` groups of `parallel.world_size` actors, each actor asking for the
-    section's resources (custom resources pin stages to nodes of a cluster) and named
-    `cascade-<stage>-<replica>` (`-rank<r>` after the leader's name for the others). The leaders
-    send their progress to `progress_board` (a `cascade.progress.ProgressBoard` actor) if given."""
+    """Each stage's `replicas` groups (`start_replica`)."""
     hops = [hop_backend(config, producer, consumer) for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:])]
     pools = {}
     for index, name in enumerate(STAGE_NAMES):
-        section = getattr(config.stages, name)
         direct_ends = [hops[index - 1] if index > 0 else None, hops[index] if index < len(hops) else None]
-        replicas = [
-            start_group(StageWorker, section.resources, section.parallel, name, section, config.output,
-                        group_name=f"cascade-{name}-{replica}", direct_transport=any(direct_ends), retries=config.retries,
-                        encode_output=(name == STAGE_NAMES[-1]), replica=replica, progress_board=progress_board,
-                        next_stage=STAGE_NAMES[index + 1] if index + 1 < len(STAGE_NAMES) else None)
-            for replica in range(section.replicas)
-        ]
-        pools[name] = StagePool(name, replicas, direct=direct_ends[1])
+        start = functools.partial(start_replica, config, name, any(direct_ends), progress_board)
+        replicas = [start(replica) for replica in range(getattr(config.stages, name).replicas)]
+        pools[name] = StagePool(name, replicas, direct=direct_ends[1], start_replica=start)
     return pools
 
 
@@ -122,6 +132,8 @@ def load_pools(pools: dict[str, StagePool], patience_s: float = 30.0) -> dict[st
                         "sees and CuPy for Ray (pip install cupy-cuda12x) on both ends (devices: %s)",
                         producer, consumer, ", ".join(sorted({leader["device"] for leader in ends})))
             pools[producer].direct = None
+    for name, pool in pools.items():
+        pool.leader_pids = [leader["pid"] for leader in leaders[name]]
     connect_direct_hops(pools)
     return leaders
 
@@ -137,24 +149,87 @@ def connect_direct_hops(pools: dict[str, StagePool]) -> None:
     warnings.filterwarnings("ignore", message=r"RDT ObjectRef.*is being passed back to the actor that created it",
                             category=UserWarning)
 
-    for backend in {pool.direct for pool in pools.values()} - {None}:
-        members: list[StagePool] = []  # the stages at either end of a hop over `backend`, in graph order
-        for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:]):
-            if pools[producer].direct == backend:
-                members += [pools[name] for name in (producer, consumer) if pools[name] not in members]
+    for backend, members in direct_members(pools).items():
         leaders = [group.leader for pool in members for group in pool.replicas]
         communicator = create_collective_group(leaders, backend="torch_gloo" if backend == "gloo" else "nccl")
         for pool in members:
             pool.communicators.append(communicator)
 
 
-def stop_pools(pools: dict[str, StagePool]) -> None:
-    """Leaves the collective groups, kills every rank and frees the placement groups."""
+def direct_members(pools: dict[str, StagePool]) -> dict[str, list[StagePool]]:
+    """backend -> the stages at either end of a hop over it, in graph order."""
+    members: dict[str, list[StagePool]] = {}
+    for producer, consumer in zip(STAGE_NAMES, STAGE_NAMES[1:]):
+        backend = pools[producer].direct
+        if backend is not None:
+            stages = members.setdefault(backend, [])
+            stages += [pools[name] for name in (producer, consumer) if pools[name] not in stages]
+    return members
+
+
+def leave_direct_hops(pools: dict[str, StagePool]) -> None:
+    """Destroys the direct hops' collective groups (those Ray has not destroyed already)."""
     from ray.experimental.collective import destroy_collective_group
 
     communicators = {id(communicator): communicator for pool in pools.values() for communicator in pool.communicators}
     for communicator in communicators.values():
-        destroy_collective_group(communicator)
+        try:
+            destroy_collective_group(communicator)
+        except ValueError:  # Ray destroyed it after a failed transfer
+            pass
+    for pool in pools.values():
+        pool.communicators = []
+
+
+def lost_direct_leaders(pools: dict[str, StagePool], timeout_s: float = 60.0) -> dict[tuple[str, int], Optional[int]]:
+    """The leaders at a direct hop that are no longer the process that joined its collective group:
+    (stage, replica) -> the restarted process's id, or None for a leader that is dead (or has not
+    answered in `timeout_s`). Asked in the actors' control calls, which a long stage call does not hold up."""
+    members = [(name, replica, group) for name, pool in pools.items() if pool.communicators
+               for replica, group in enumerate(pool.replicas)]
+    pings = [group.leader.process_id.options(concurrency_group=CONTROL_CALLS).remote() for _, _, group in members]
+    answered = set(ray.wait(pings, num_returns=len(pings), timeout=timeout_s)[0]) if pings else set()
+    lost: dict[tuple[str, int], Optional[int]] = {}
+    for (name, replica, _), ping in zip(members, pings):
+        try:
+            pid = ray.get(ping) if ping in answered else None
+        except ray.exceptions.RayActorError:
+            pid = None
+        if pid is None or pid != pools[name].leader_pids[replica]:
+            lost[name, replica] = pid
+    return lost
+
+
+def restore_direct_hops(pools: dict[str, StagePool], lost: dict[tuple[str, int], Optional[int]],
+                        patience_s: float = 30.0) -> None:
+    """Forms the direct hops' collective groups again once no call is in flight: leaves the old
+    groups, replaces each replica whose leader is dead (`lost`, from `lost_direct_leaders`) by a new
+    one that loads its models, and joins every leader at a direct hop, restarted ones included, into
+    new groups."""
+    leave_direct_hops(pools)
+    dead = {key for key, pid in lost.items() if pid is None}
+    # Ray's gloo group is built on each process's default torch.distributed group, which outlives it
+    # (`GroupMember.leave_default_group`); its NCCL groups are separate
+    survivors = [group.leader for pool in direct_members(pools).get("gloo", [])
+                 for replica, group in enumerate(pool.replicas) if (pool.name, replica) not in dead]
+    ray.get([leader.leave_default_group.options(concurrency_group=CONTROL_CALLS).remote() for leader in survivors])
+    replaced = {}
+    for (name, replica), pid in lost.items():
+        if pid is None:
+            stop_group(pools[name].replicas[replica])
+            replaced[f"{name} replica {replica}"] = (name, replica, pools[name].start_replica(replica))
+        else:
+            pools[name].leader_pids[replica] = pid
+    loaded = join_groups({label: group for label, (_, _, group) in replaced.items()}, patience_s)
+    for label, (name, replica, group) in replaced.items():
+        pools[name].replicas[replica] = group
+        pools[name].leader_pids[replica] = loaded[label][0]["pid"]
+    connect_direct_hops(pools)
+
+
+def stop_pools(pools: dict[str, StagePool]) -> None:
+    """Leaves the collective groups, kills every rank and frees the placement groups."""
+    leave_direct_hops(pools)
     for pool in pools.values():
         for group in pool.replicas:
             stop_group(group)
@@ -200,6 +275,7 @@ def run_pipelined(
     on_idle: Optional[Callable[[], None]] = None,
     starts: Optional[dict[int, tuple[int, ray.ObjectRef]]] = None,
     patience_s: float = 180.0,
+    retries: int = 2,
 ) -> list[PromptResult]:
     """Runs every request through the stages with at most `max_in_flight` prompts inside the cascade.
     Calls `on_report` as each stage of each prompt finishes (with the ref of the stage's output),
@@ -214,30 +290,85 @@ def run_pipelined(
     `patience_s`. A replica whose placement group lost its node waits for a node that offers its
     resources; after `patience_s` without one, `StageLost` is raised (the prompts not ended can be
     resumed). The loop looks for a stopping signal (`cascade.signals`) at least every
-    `IDLE_INTERVAL_S`."""
+    `IDLE_INTERVAL_S`.
+
+    A direct hop does not survive a dead process (see the module's docstring). When a call at a
+    direct hop fails and `lost_direct_leaders` finds one of its leaders dead or restarted, the loop
+    submits nothing more until every call in flight has ended, then forms the hops again
+    (`restore_direct_hops`) and runs each prompt not ended again from the last input it still has:
+    an object-store output, or the prompt's start (a direct output went with its group). A prompt
+    runs again so at most `retries` times; after that its failure stands."""
     pending_requests = iter(requests)
     starts = starts or {}
     # report ref -> (request, stage, replica, output ref, input ref, when first unreachable)
     waiting: dict[ray.ObjectRef, tuple[Request, int, int, ray.ObjectRef, Optional[ray.ObjectRef], Optional[float]]] = {}
     again: list[tuple[float, Request, int, Optional[ray.ObjectRef], float]] = []  # (due, request, stage, input, since)
     results: dict[int, PromptResult] = {}
+    inside: set[int] = set()  # prompts admitted and not ended
+    held: list[tuple[Request, int, Optional[ray.ObjectRef]]] = []  # calls to submit once the direct hops are restored
+    reruns_left: dict[int, int] = {}  # prompt -> how many more times a lost direct hop may run it again
+    restoring = False  # a direct hop was lost: submit nothing until no call is in flight
+
+    def start_of(request: Request) -> tuple[int, Optional[ray.ObjectRef]]:
+        return starts.get(request.index, (0, None))
+
+    def hop_lost(request: Request, stage: int) -> bool:
+        """Whether the prompt, whose call at `stage` failed, waits to run again because a direct hop
+        was lost (and may run again)."""
+        nonlocal restoring
+        if not pools[STAGE_NAMES[stage]].communicators or reruns_left.get(request.index, retries) <= 0:
+            return False
+        if not restoring:
+            lost = lost_direct_leaders(pools)
+            if not lost:
+                return False
+            restoring = True
+            log.warning("WARNING prompt %d failed in %s and the direct hops lost %s: waiting for the calls in flight, "
+                        "then forming the hops again and running the prompts not ended again", request.index,
+                        STAGE_NAMES[stage], ", ".join(f"{name} replica {replica} ({'dead' if pid is None else 'restarted'})"
+                                                      for (name, replica), pid in lost.items()))
+        reruns_left[request.index] = reruns_left.get(request.index, retries) - 1
+        held.append((request, *start_of(request)))
+        return True
 
     def submit(request: Request, stage: int, clip: Optional[ray.ObjectRef], unreachable_since: Optional[float] = None) -> None:
-        replica, output, report = pools[STAGE_NAMES[stage]].submit(clip, request)
+        if restoring:
+            held.append((request, stage, clip))
+            return
+        try:
+            replica, output, report = pools[STAGE_NAMES[stage]].submit(clip, request)
+        except Exception:  # Ray refuses a direct call to an actor that left the hop's collective group
+            if hop_lost(request, stage):
+                return
+            raise
         waiting[report] = (request, stage, replica, output, clip, unreachable_since)
 
-    def admit_next() -> None:
-        request = next(pending_requests, None)
-        if request is not None:
+    def admit() -> None:
+        while len(inside) < max_in_flight and not restoring:
+            request = next(pending_requests, None)
+            if request is None:
+                return
             results[request.index] = PromptResult(request)
-            submit(request, *starts.get(request.index, (0, None)))
+            inside.add(request.index)
+            submit(request, *start_of(request))
 
-    for _ in range(max_in_flight):
-        admit_next()
+    admit()
     unplaced: dict[tuple[str, int], float] = {}  # (stage, replica) -> since when its group is not placed
     checked = 0.0
-    while waiting or again:
+    while waiting or again or held:
         check_stop()
+        if restoring and not waiting:
+            try:
+                restore_direct_hops(pools, lost_direct_leaders(pools), patience_s)
+            except Exception as error:
+                raise StageLost(f"the direct hops could not be formed again: {error}") from error
+            restoring = False
+            log.info("the direct hops are formed again; %d prompt(s) run again", len(held))
+            for call in held[:]:
+                held.remove(call)
+                submit(*call)
+            admit()
+            continue
         now = time.monotonic()
         if now - checked >= PLACEMENT_CHECK_S:
             check_placed(pools, unplaced, patience_s)
@@ -266,16 +397,22 @@ def run_pipelined(
                 again.append((time.monotonic() + UNREACHABLE_RETRY_S, request, stage, clip, since))
                 continue
             result.error, result.failed_stage = error, STAGE_NAMES[stage]
-        except Exception as error:  # the stage failed: the prompt ends here
+        except Exception as error:  # the stage failed: the prompt ends here, unless a direct hop was lost
+            if hop_lost(request, stage):
+                continue
             result.error, result.failed_stage = error, STAGE_NAMES[stage]
         else:
             on_report(request, report, output)
             if stage + 1 < len(STAGE_NAMES):
-                submit(request, stage + 1, output)
+                if restoring and pools[STAGE_NAMES[stage]].direct is not None:
+                    submit(request, *start_of(request))  # its output went with the hop's group
+                else:
+                    submit(request, stage + 1, output)
                 continue
             result.video = ray.get(output)
         record_prompt_end(result.failed_stage)
         on_done(result)
         result.video = None  # handed over: a long prompts file must not keep every video in memory
-        admit_next()
+        inside.discard(request.index)
+        admit()
     return list(results.values())

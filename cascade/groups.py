@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waiting longer than this fails
 EPSILON = 1e-9  # fractional resources (0.5 GPU) compare with a tolerance
+CONTROL_CALLS = "control"  # the concurrency group of a direct-transport actor's quick calls (`start_group`)
 
 
 def rank_bundle(resources) -> dict[str, float]:
@@ -181,6 +182,15 @@ class GroupMember:
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
                                 timeout=GROUP_TIMEOUT)
 
+    def leave_default_group(self) -> None:
+        """Destroys this process's default torch.distributed group, if it has one. Ray's gloo collective
+        group is built on that group and leaves it behind when destroyed: a process must leave it
+        before it joins a new one."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
 
 @dataclass
 class StageGroup:
@@ -214,14 +224,19 @@ def start_group(actor_class: type, resources, parallel, *args: Any, group_name: 
     `world_size=` and `**kwargs`) in one placement group of `parallel.placement`; returns at once
     (the actors start when the group is placed). With `group_name`, the actors are named after it (see
     `rank_actor_name`; names are unique within a Ray namespace, and each run is its own namespace).
-    `direct_transport` gives them the thread that Ray Direct Transport receives on. With `retries`,
+    `direct_transport` gives them the thread that Ray Direct Transport receives on, and a `control`
+    concurrency group whose calls run beside a long stage call (the driver asks there whether the
+    process is still the one that joined the hop's collective group). With `retries`,
     the actor of a one-rank group is restarted whenever its process dies and a call it lost runs
     again, up to `retries` times per call (a rank of a larger group is not: its group would have to
     form again)."""
     count = parallel.world_size
     restarts = {"max_restarts": -1, "max_task_retries": retries} if retries and count == 1 else {}
     group = placement_group([rank_bundle(resources)] * count, strategy=parallel.placement)
-    actor = ray.remote(enable_tensor_transport=True)(actor_class) if direct_transport else ray.remote(actor_class)
+    if direct_transport:
+        actor = ray.remote(enable_tensor_transport=True, concurrency_groups={CONTROL_CALLS: 1})(actor_class)
+    else:
+        actor = ray.remote(actor_class)
     ranks = [
         actor.options(
             name=None if group_name is None else rank_actor_name(group_name, rank),

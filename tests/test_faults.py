@@ -1,5 +1,6 @@
 """Nothing lost: a stage actor's process killed in the middle of a prompts file is restarted, reloads
-its models and runs the lost call again, and every video equals the fault-free run's."""
+its models and runs the lost call again (with direct hops: the hops form again and the prompts they
+lost run again), and every video equals the fault-free run's."""
 
 from __future__ import annotations
 
@@ -134,6 +135,32 @@ def test_stage_actors_killed_in_turn_lose_nothing(ray_cluster, fault_free, tmp_p
     pids = {stage: {json.loads(path.read_text())["stages"][stage]["ranks"][0]["pid"]
                     for path in (tmp_path / "out").glob("*/manifest.json")} for stage in ("base", "tsr", "ssr")}
     assert all(len(pids[stage]) == 2 for stage in pids), pids  # every stage ran on its restarted process too
+
+
+def test_a_killed_stage_with_direct_hops_loses_nothing(ray_cluster, fault_free, tmp_path):
+    """Both hops direct (gloo), two tsr replicas, and the process of the tsr replica that made the
+    first video killed as it is written. Ray then kills both ends of the transfer that failed and
+    destroys the hops' group; the run forms it again, with new actors where Ray killed them, and
+    runs the prompts not ended again: every video equals the fault-free run's (through the object
+    store), every hop went direct, both tsr replicas worked."""
+    killed = []
+
+    def kill_tsr(manifest: dict) -> None:
+        [rank] = manifest["stages"]["tsr"]["ranks"]
+        os.kill(rank["pid"], signal.SIGKILL)
+        killed.append(rank["pid"])
+
+    returncode, stderr = run_with_faults(tmp_path / "out", ray_cluster.address, [kill_tsr], "transport=direct",
+                                         "stages.tsr.replicas=2")
+    assert returncode == 0, stderr[-3000:]
+    assert len(killed) == 1 and "the direct hops are formed again" in stderr, stderr[-3000:]
+    check_every_video(tmp_path / "out", fault_free, stderr)
+    manifests = [json.loads(path.read_text()) for path in (tmp_path / "out").glob("*/manifest.json")]
+    assert all(manifest["stages"][stage]["input_transport"] == "direct" for manifest in manifests
+               for stage in ("tsr", "ssr"))
+    assert {manifest["stages"]["tsr"]["replica"] for manifest in manifests} == {0, 1}
+    tsr_pids = {manifest["stages"]["tsr"]["ranks"][0]["pid"] for manifest in manifests}
+    assert len(tsr_pids - set(killed)) >= 1 and killed[0] in tsr_pids  # videos from before the kill and after
 
 
 def files_of(out: Path) -> dict[str, bytes]:
