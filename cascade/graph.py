@@ -313,10 +313,11 @@ def run_pipelined(
         return starts.get(request.index, (0, None))
 
     def hop_lost(request: Request, stage: int) -> bool:
-        """Whether the prompt, whose call at `stage` failed, waits to run again because a direct hop
-        was lost (and may run again)."""
+        """Called when the prompt's call at `stage` failed, or could not be submitted. Finds out
+        whether a direct hop was lost (then the loop restores the hops once no call is in flight) and
+        returns whether the prompt waits to run again after that."""
         nonlocal restoring
-        if not pools[STAGE_NAMES[stage]].communicators or reruns_left.get(request.index, retries) <= 0:
+        if not pools[STAGE_NAMES[stage]].communicators:
             return False
         if not restoring:
             lost = lost_direct_leaders(pools)
@@ -327,9 +328,19 @@ def run_pipelined(
                         "then forming the hops again and running the prompts not ended again", request.index,
                         STAGE_NAMES[stage], ", ".join(f"{name} replica {replica} ({'dead' if pid is None else 'restarted'})"
                                                       for (name, replica), pid in lost.items()))
+        if reruns_left.get(request.index, retries) <= 0:
+            return False  # its failure stands
         reruns_left[request.index] = reruns_left.get(request.index, retries) - 1
         held.append((request, *start_of(request)))
         return True
+
+    def end(result: PromptResult, error: Optional[BaseException] = None, stage: Optional[int] = None) -> None:
+        if error is not None:
+            result.error, result.failed_stage = error, STAGE_NAMES[stage]
+        record_prompt_end(result.failed_stage)
+        on_done(result)
+        result.video = None  # handed over: a long prompts file must not keep every video in memory
+        inside.discard(result.request.index)
 
     def submit(request: Request, stage: int, clip: Optional[ray.ObjectRef], unreachable_since: Optional[float] = None) -> None:
         if restoring:
@@ -337,10 +348,12 @@ def run_pipelined(
             return
         try:
             replica, output, report = pools[STAGE_NAMES[stage]].submit(clip, request)
-        except Exception:  # Ray refuses a direct call to an actor that left the hop's collective group
-            if hop_lost(request, stage):
-                return
-            raise
+        except Exception as error:  # Ray refuses a direct call to an actor that left the hop's collective group
+            if not pools[STAGE_NAMES[stage]].communicators:
+                raise
+            if not hop_lost(request, stage):
+                end(results[request.index], error, stage)
+            return
         waiting[report] = (request, stage, replica, output, clip, unreachable_since)
 
     def admit() -> None:
@@ -352,10 +365,12 @@ def run_pipelined(
             inside.add(request.index)
             submit(request, *start_of(request))
 
-    admit()
     unplaced: dict[tuple[str, int], float] = {}  # (stage, replica) -> since when its group is not placed
     checked = 0.0
-    while waiting or again or held:
+    while True:
+        admit()
+        if not (waiting or again or held or restoring):
+            break
         check_stop()
         if restoring and not waiting:
             try:
@@ -364,10 +379,9 @@ def run_pipelined(
                 raise StageLost(f"the direct hops could not be formed again: {error}") from error
             restoring = False
             log.info("the direct hops are formed again; %d prompt(s) run again", len(held))
-            for call in held[:]:
-                held.remove(call)
+            calls, held[:] = list(held), []
+            for call in calls:
                 submit(*call)
-            admit()
             continue
         now = time.monotonic()
         if now - checked >= PLACEMENT_CHECK_S:
@@ -396,23 +410,17 @@ def run_pipelined(
                             STAGE_NAMES[stage], UNREACHABLE_RETRY_S)
                 again.append((time.monotonic() + UNREACHABLE_RETRY_S, request, stage, clip, since))
                 continue
-            result.error, result.failed_stage = error, STAGE_NAMES[stage]
+            end(result, error, stage)
         except Exception as error:  # the stage failed: the prompt ends here, unless a direct hop was lost
-            if hop_lost(request, stage):
-                continue
-            result.error, result.failed_stage = error, STAGE_NAMES[stage]
+            if not hop_lost(request, stage):
+                end(result, error, stage)
         else:
             on_report(request, report, output)
-            if stage + 1 < len(STAGE_NAMES):
-                if restoring and pools[STAGE_NAMES[stage]].direct is not None:
-                    submit(request, *start_of(request))  # its output went with the hop's group
-                else:
-                    submit(request, stage + 1, output)
-                continue
-            result.video = ray.get(output)
-        record_prompt_end(result.failed_stage)
-        on_done(result)
-        result.video = None  # handed over: a long prompts file must not keep every video in memory
-        inside.discard(request.index)
-        admit()
+            if stage + 1 == len(STAGE_NAMES):
+                result.video = ray.get(output)
+                end(result)
+            elif restoring and pools[STAGE_NAMES[stage]].direct is not None:
+                submit(request, *start_of(request))  # its output went with the hop's group
+            else:
+                submit(request, stage + 1, output)
     return list(results.values())
