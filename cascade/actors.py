@@ -153,10 +153,6 @@ class StageWorker(GroupMember):
         return {"rank": self.rank, "device": _describe_device(self.device), "node": _describe_node(), "gpus": gpus,
                 "pid": os.getpid()}
 
-    def process_id(self) -> int:
-        """This rank's process id; a restarted actor has a new one."""
-        return os.getpid()
-
     @ray.method(num_returns=2)
     def run(self, clip: Optional[Clip], request: Request):
         """The leader returns (clip or video, report); another rank (None, its description)."""

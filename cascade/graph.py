@@ -187,12 +187,12 @@ def lost_direct_leaders(pools: dict[str, StagePool], timeout_s: float = 60.0) ->
     answered in `timeout_s`). Asked in the actors' control calls, which a long stage call does not hold up."""
     members = [(name, replica, group) for name, pool in pools.items() if pool.communicators
                for replica, group in enumerate(pool.replicas)]
-    pings = [group.leader.process_id.options(concurrency_group=CONTROL_CALLS).remote() for _, _, group in members]
+    pings = [group.leader.describe.options(concurrency_group=CONTROL_CALLS).remote() for _, _, group in members]
     answered = set(ray.wait(pings, num_returns=len(pings), timeout=timeout_s)[0]) if pings else set()
     lost: dict[tuple[str, int], Optional[int]] = {}
     for (name, replica, _), ping in zip(members, pings):
         try:
-            pid = ray.get(ping) if ping in answered else None
+            pid = ray.get(ping)["pid"] if ping in answered else None
         except ray.exceptions.RayActorError:
             pid = None
         if pid is None or pid != pools[name].leader_pids[replica]:
