@@ -328,9 +328,10 @@ def run_pipelined(
                         "then forming the hops again and running the prompts not ended again", request.index,
                         STAGE_NAMES[stage], ", ".join(f"{name} replica {replica} ({'dead' if pid is None else 'restarted'})"
                                                       for (name, replica), pid in lost.items()))
-        if reruns_left.get(request.index, retries) <= 0:
+        left = reruns_left.get(request.index, retries)
+        if left == 0:
             return False  # its failure stands
-        reruns_left[request.index] = reruns_left.get(request.index, retries) - 1
+        reruns_left[request.index] = left - 1
         held.append((request, *start_of(request)))
         return True
 
