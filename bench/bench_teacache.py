@@ -10,8 +10,9 @@ is decoded by the tsr stage's VAE and read back by `stages.world_checks.check_ba
 and direction both right: "obeyed"). Time is the base stage's call alone (text encoding and
 sampling, no decode), the median over clips, measured in this process with `--threads` torch
 threads. Each clip runs at every threshold in turn before the next clip, so a change in the
-machine's load falls on every row alike. PSNR compares the decoded uint8 frames of the cached and the uncached clip of the same
-prompt and seed, averaged over clips (frames that are equal count as 100 dB).
+machine's load falls on every row alike. PSNR compares the decoded uint8 frames of the cached and
+the uncached clip of the same prompt and seed, averaged over clips (frames that are equal count as
+100 dB).
 """
 
 from __future__ import annotations
